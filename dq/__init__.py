@@ -1,0 +1,3 @@
+"""dq: dynamic vector quantization (DQ-VAE + DQ-Transformer) in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,28 @@
+"""Test setup: 8 fake CPU devices so sharding is real, full float32 matmuls."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+def fixture_path(name: str) -> pathlib.Path:
+  """Path of a shared fixture; fails (never skips) when the fixture is missing."""
+  for base in (os.environ.get("DQ_FIXTURES"), FIXTURES, pathlib.Path(__file__).resolve().parents[1] / "shared" / "fixtures"):
+    if base and (pathlib.Path(base) / name).exists():
+      return pathlib.Path(base) / name
+  raise FileNotFoundError(f"fixture {name} not found; set DQ_FIXTURES to the shared/fixtures folder")
+
+
+@pytest.fixture
+def official_dqvae():
+  import numpy as np
+  return dict(np.load(fixture_path("official_dqvae_dual_64px.npz")))
