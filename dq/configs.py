@@ -1,0 +1,90 @@
+"""Shared config pieces for the files in `configs/`.
+
+`parse_arg` reads big_vision-style config args: `configs/x.py:tiny,router=entropy`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """'tiny,router=entropy' -> {tiny: True, router: 'entropy'}; unknown keys are an error."""
+  result = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"config arg {key!r} unknown; expected one of {sorted(defaults)}")
+    default = defaults[key]
+    if not value:
+      result[key] = True
+    elif isinstance(default, bool):
+      result[key] = value.lower() in ("1", "true", "yes")
+    else:
+      result[key] = type(default)(value)
+  return result
+
+
+def vae_base_config() -> ml_collections.ConfigDict:
+  """Every stage-1 field with a default; config files override what they need."""
+  from dq.data.config import default_data_config
+  from dq.models.build import default_model_config
+  config = ml_collections.ConfigDict()
+  config.stage = "vae"
+  config.mode = "train"           # 'train' (ends with eval when eval.at_end) | 'eval'
+  config.seed = 0
+  config.init_from = ""           # a workdir or checkpoint folder to start from
+  config.matmul_precision = ""    # e.g. 'highest' for parity checks
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  config.data = default_data_config()
+  config.model = default_model_config()
+  config.model.router.threshold_images = 512
+  config.loss = ml_collections.ConfigDict(dict(
+      l1_weight=1.0, codebook_weight=1.0, budget_weight=1.0, budget_gamma=10.0,
+      budget_calculate_all=True))
+  config.optim = ml_collections.ConfigDict(dict(
+      name="adam", lr=4.5e-6 * 32, b1=0.5, b2=0.9, eps=1e-8, weight_decay=0.0,
+      warmup_steps=0, schedule="cosine", end_factor=0.0, grad_clip=0.0))
+  config.train = ml_collections.ConfigDict(dict(
+      batch_size=32, num_steps=100_000, log_every=50, summary_every=1000, summary_images=8,
+      checkpoint_every=1000, keep_checkpoints=3, async_checkpointing=True, tensorboard=True))
+  config.eval = ml_collections.ConfigDict(dict(batch_size=32, at_end=True, max_images=0))
+  return config
+
+
+def vae_paper_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The official 256 px DQ-VAE (ch 128, ch_mult (1,1,2,2,4), codebook 1024x256, ratio 0.5).
+
+  `arg.entropy`: entropy router; `arg.triple`: F=32/16/8; `arg.tiny`: 64 px smoke-test size.
+  """
+  config = vae_base_config()
+  config.data.image_size = config.model.resolution = 256
+  config.model.update(dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                           attn_resolutions=(16,), z_channels=256, codebook_size=1024,
+                           embed_dim=256, dec_ch=128, dec_ch_mult=(1, 1, 2, 2),
+                           dec_num_res_blocks=2, dec_attn_resolutions=(32,)))
+  config.model.router.kind = "entropy" if arg.entropy else "feature"
+  config.model.router.fine_ratio = 0.5
+  if arg.triple:
+    config.model.num_grains = 3
+    config.model.ch_mult = (1, 1, 2, 2, 4, 4)
+    config.model.attn_resolutions = (8, 16)
+    config.model.router.median_ratio = 0.3
+    config.model.router.fine_ratio = 0.3
+  config.train.batch_size = 32
+  config.train.num_steps = 400_000
+  config.optim.lr = 4.5e-6 * config.train.batch_size
+  config.optim.warmup_steps = 5000
+  if arg.tiny:
+    config.data.image_size = config.model.resolution = 64
+    config.model.update(dict(ch=32, z_channels=32, embed_dim=32, codebook_size=64, dec_ch=32,
+                             num_res_blocks=1, dec_num_res_blocks=1, attn_resolutions=(4,),
+                             dec_attn_resolutions=(8,)))
+    if arg.triple:
+      config.model.attn_resolutions = (2, 4)
+    config.train.update(dict(batch_size=8, num_steps=20, log_every=5, summary_every=10,
+                             checkpoint_every=10))
+    config.eval.update(dict(batch_size=8, max_images=32))
+    config.optim.warmup_steps = 0
+  return config

@@ -1,0 +1,75 @@
+"""Orbax checkpointing of the train state together with the grain iterator state.
+
+Layout: `WORKDIR/checkpoints/<step>/{state,data}`. Orbax writes into a temporary folder and
+renames it when complete, so an interrupted save never replaces the last good checkpoint,
+and `latest_step()` only sees complete ones. The data iterator is saved *before* the next
+batch is drawn (Kauldron's order), so a resume sees exactly the batches an uninterrupted run
+would have seen.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      options=options,
+      item_names=("state", "data"),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()})
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any | None) -> None:
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_iter is not None:
+    items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any | None,
+            step: int | None = None) -> tuple[Any, int]:
+  """Restores `abstract_state` (a pytree of ShapeDtypeStruct with shardings) and the iterator."""
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no complete checkpoint in {manager.directory}")
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  if data_iter is not None and _has_item(manager, step, "data"):
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  logging.info("Restored checkpoint at step %d from %s", step, manager.directory)
+  return restored["state"], step
+
+
+def restore_params_from(path: str, abstract_state: Any) -> Any:
+  """Loads a state from a checkpoint folder (`.../checkpoints` or `.../checkpoints/<step>`)."""
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config.init_from: {path} does not exist")
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  if os.path.isdir(os.path.join(path, "state")):
+    state_dir = os.path.join(path, "state")
+  else:
+    manager = ocp.CheckpointManager(path, item_names=("state", "data"))
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"config.init_from: no checkpoint under {path}")
+    state_dir = os.path.join(path, str(step), "state")
+  return ocp.StandardCheckpointer().restore(state_dir, abstract_state)
+
+
+def _has_item(manager, step, name) -> bool:
+  return os.path.isdir(os.path.join(str(manager.directory), str(step), name))
+
+
+def abstract_like(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -1,0 +1,47 @@
+"""Optimizers and learning-rate schedules from config."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+
+def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0,
+                  end_factor: float = 0.0, kind: str = "cosine") -> optax.Schedule:
+  """Linear warmup from 0 then cosine (or constant) to `lr * end_factor` at `total_steps`."""
+  if kind == "constant":
+    main = optax.constant_schedule(lr)
+  elif kind == "cosine":
+    main = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup_steps), alpha=end_factor)
+  else:
+    raise ValueError(f"config.optim.schedule={kind!r}: expected 'cosine' or 'constant'")
+  if warmup_steps <= 0:
+    return main
+  warmup = optax.linear_schedule(0.0, lr, warmup_steps)
+  return optax.join_schedules([warmup, main], [warmup_steps])
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for weights with >= 2 dims (kernels, embeddings); biases and norms are not decayed."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(optim_cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                                 optax.Schedule]:
+  """Adam/AdamW with optional global-norm clipping, from `config.optim`."""
+  schedule = make_schedule(optim_cfg.lr, total_steps, optim_cfg.warmup_steps,
+                           optim_cfg.get("end_factor", 0.0), optim_cfg.get("schedule", "cosine"))
+  name = optim_cfg.get("name", "adam")
+  if name == "adam":
+    opt = optax.adam(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.get("eps", 1e-8))
+  elif name == "adamw":
+    opt = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.get("eps", 1e-8),
+                      weight_decay=optim_cfg.weight_decay, mask=weight_decay_mask)
+  else:
+    raise ValueError(f"config.optim.name={name!r}: expected 'adam' or 'adamw'")
+  parts = []
+  if optim_cfg.get("grad_clip", 0.0):
+    parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
+  parts.append(opt)
+  return optax.chain(*parts), schedule

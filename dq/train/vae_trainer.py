@@ -1,0 +1,237 @@
+"""Stage-1 (DQ-VAE) trainer: `train_and_evaluate(config, workdir)` and `evaluate(config, workdir)`.
+
+Resume order: the latest complete checkpoint in the workdir, then `config.init_from`, then
+scratch. The step is jitted once with explicit shardings and the state donated.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dq import sharding as sh
+from dq import viz
+from dq.data import pipeline
+from dq.evaluation import vae_eval
+from dq.models.build import build_dqvae
+from dq.train import checkpoint as ckpt
+from dq.train.optim import make_optimizer
+from dq.train.progress import Progress
+from dq.train.state import TrainState, abstract_with_shardings, sharded_init
+from dq.train.vae_step import make_reconstruct_fn, make_update_fn
+from dq.train.writers import create_writer
+
+
+def coarse_factor(model_cfg: Any) -> int:
+  return 2 ** (len(model_cfg.ch_mult) - 1)
+
+
+def resolve_entropy_thresholds(config: Any, workdir: str) -> tuple[float, ...]:
+  """Thresholds for the entropy router: from `router.thresholds_path`, else computed once from
+  the configured training data and stored as `WORKDIR/entropy_thresholds.json`."""
+  from dq.models import entropy
+  router = config.model.router
+  if router.kind != "entropy":
+    return ()
+  path = router.thresholds_path
+  if not path:
+    path = os.path.join(workdir, "entropy_thresholds.json")
+    if not os.path.exists(path):
+      logging.info("Computing entropy thresholds from %d training images -> %s",
+                   router.threshold_images, path)
+      table = entropy.compute_entropy_thresholds(
+          config.data, patch_size=coarse_factor(config.model),
+          num_images=router.threshold_images, seed=config.seed)
+      if jax.process_index() == 0:
+        entropy.save_threshold_table(path, table, {"data": config.data.name,
+                                                   "image_size": config.data.image_size})
+      return _thresholds_from_table(table, router, config.model.num_grains)
+  table = entropy.load_threshold_table(path)
+  return _thresholds_from_table(table, router, config.model.num_grains)
+
+
+def _thresholds_from_table(table, router, num_grains) -> tuple[float, ...]:
+  from dq.models import entropy
+  if num_grains == 2:
+    return (float(entropy.threshold_for_ratio(table, router.fine_ratio)),)
+  return tuple(float(t) for t in entropy.thresholds_for_ratios(
+      table, router.median_ratio, router.fine_ratio))
+
+
+def build_model(config: Any, workdir: str):
+  thresholds = resolve_entropy_thresholds(config, workdir)
+  return build_dqvae(config.model, entropy_thresholds=thresholds)
+
+
+def make_init_fn(model, tx, image_size: int):
+  def init_fn(rng):
+    params_rng, gumbel_rng, codebook_rng, state_rng = jax.random.split(rng, 4)
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    variables = model.init({"params": params_rng, "gumbel": gumbel_rng,
+                            "codebook": codebook_rng}, dummy, train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      codebook=variables["codebook"], rng=state_rng)
+  return init_fn
+
+
+def check_batch_size(batch_size: int, mesh, field: str) -> int:
+  dp = sh.data_parallel_size(mesh)
+  if batch_size % dp or batch_size % jax.process_count():
+    raise ValueError(f"{field}={batch_size} must be divisible by the data-parallel size {dp} "
+                     f"and the process count {jax.process_count()}")
+  return batch_size // jax.process_count()
+
+
+def _save_config(config: Any, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+
+
+def setup(config: Any, workdir: str):
+  """Mesh, model, optimizer, state (resumed or fresh) and the train iterator."""
+  mesh = sh.make_mesh(config.get("mesh"))
+  local_bs = check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
+  model = build_model(config, workdir)
+  tx, schedule = make_optimizer(config.optim, config.train.num_steps)
+  init_fn = make_init_fn(model, tx, config.data.image_size)
+  rng = jax.random.PRNGKey(config.seed)
+  repl = sh.replicated(mesh)
+  state_shardings = jax.tree.map(lambda _: repl, jax.eval_shape(init_fn, rng))
+
+  train_ds = pipeline.make_dataset(
+      config.data, split="train", batch_size=local_bs, seed=config.seed, train=True,
+      shard_index=jax.process_index(), shard_count=jax.process_count())
+  train_iter = iter(train_ds)
+  manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints,
+                              async_save=config.train.get("async_checkpointing", True))
+  if manager.latest_step() is not None:
+    abstract = abstract_with_shardings(init_fn, rng, state_shardings)
+    state, _ = ckpt.restore(manager, abstract, train_iter)
+  else:
+    state, _ = sharded_init(init_fn, rng, lambda a: state_shardings)
+    if config.get("init_from"):
+      abstract = abstract_with_shardings(init_fn, rng, state_shardings)
+      loaded = ckpt.restore_params_from(config.init_from, abstract)
+      state = state.replace(params=loaded.params, codebook=loaded.codebook)
+      logging.info("Initialised params and codebook from %s", config.init_from)
+  return mesh, model, tx, schedule, state, state_shardings, train_iter, manager
+
+
+def train_and_evaluate(config: Any, workdir: str) -> TrainState:
+  """Trains stage 1 for `config.train.num_steps`, with summaries, checkpoints and evaluation."""
+  _save_config(config, workdir)
+  mesh, model, tx, schedule, state, state_shardings, train_iter, manager = setup(config, workdir)
+  update_fn = make_update_fn(model, tx, schedule, loss_cfg=config.loss,
+                             router_cfg=config.model.router, num_grains=config.model.num_grains)
+  train_step = jax.jit(update_fn, in_shardings=(state_shardings, sh.batch_sharding(mesh)),
+                       out_shardings=(state_shardings, sh.replicated(mesh)), donate_argnums=0)
+  writer = create_writer(workdir, tensorboard=config.train.get("tensorboard", True))
+  summary_images = _summary_batch(config, mesh)
+  reconstruct = jax.jit(make_reconstruct_fn(model))
+
+  start = int(jax.device_get(state.step))
+  total = config.train.num_steps
+  logging.info("Training from step %d to %d (batch %d on %d devices)", start, total,
+               config.train.batch_size, jax.device_count())
+  progress = Progress(total, start, every=config.train.log_every)
+  t_log, s_log = time.perf_counter(), start
+  for step in range(start + 1, total + 1):
+    batch = next(train_iter)
+    state, metrics = train_step(state, sh.shard_batch({"image": batch["image"]}, mesh))
+    progress(step)
+    if step % config.train.log_every == 0 or step == total:
+      scalars = jax.device_get(metrics)
+      now = time.perf_counter()
+      scalars["steps_per_sec"] = (step - s_log) / max(now - t_log, 1e-9)
+      scalars["examples_per_sec"] = scalars["steps_per_sec"] * config.train.batch_size
+      scalars.update(_skip_counts())
+      t_log, s_log = now, step
+      _check_finite(scalars, step, manager)
+      writer.write_scalars(step, scalars)
+    if config.train.summary_every and (step % config.train.summary_every == 0 or step == total):
+      _write_summary(writer, reconstruct, state, summary_images, config.model.num_grains, step)
+    if step % config.train.checkpoint_every == 0 or step == total:
+      ckpt.save(manager, step, state, train_iter)
+  manager.wait_until_finished()
+
+  if config.eval.at_end:
+    run_evaluation(config, workdir, model, state, mesh, writer)
+  writer.flush()
+  return state
+
+
+def run_evaluation(config, workdir, model, state, mesh, writer) -> dict:
+  step = int(jax.device_get(state.step))
+  results = vae_eval.evaluate_vae(
+      model, {"params": state.params, "codebook": state.codebook}, config.data, mesh=mesh,
+      batch_size=config.eval.batch_size, num_grains=config.model.num_grains,
+      codebook_size=config.model.codebook_size, max_images=config.eval.get("max_images"))
+  vae_eval.write_results(workdir, "reconstruction", step, results)
+  writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()
+                              if isinstance(v, (int, float))})
+  return results
+
+
+def evaluate(config: Any, workdir: str) -> dict:
+  """Evaluation mode: restores the latest checkpoint (or `init_from`) and evaluates."""
+  mesh = sh.make_mesh(config.get("mesh"))
+  model = build_model(config, workdir)
+  tx, _ = make_optimizer(config.optim, config.train.num_steps)
+  init_fn = make_init_fn(model, tx, config.data.image_size)
+  rng = jax.random.PRNGKey(config.seed)
+  repl = sh.replicated(mesh)
+  shardings = jax.tree.map(lambda _: repl, jax.eval_shape(init_fn, rng))
+  abstract = abstract_with_shardings(init_fn, rng, shardings)
+  manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints)
+  if manager.latest_step() is not None:
+    state, _ = ckpt.restore(manager, abstract, None)
+  elif config.get("init_from"):
+    state = ckpt.restore_params_from(config.init_from, abstract)
+  else:
+    raise FileNotFoundError(f"evaluate: no checkpoint in {workdir}/checkpoints and no "
+                            "config.init_from; train first or set --config.init_from=DIR")
+  writer = create_writer(workdir, tensorboard=config.train.get("tensorboard", True))
+  results = run_evaluation(config, workdir, model, state, mesh, writer)
+  writer.flush()
+  return results
+
+
+def _summary_batch(config, mesh) -> np.ndarray | None:
+  n = config.train.get("summary_images", 8)
+  if not config.train.summary_every or not n:
+    return None
+  ds = pipeline.make_dataset(config.data, split="eval", batch_size=n, seed=0, train=False,
+                             num_epochs=1, drop_remainder=False)
+  return next(iter(ds))["image"]
+
+
+def _write_summary(writer, reconstruct, state, images, num_grains, step) -> None:
+  if images is None:
+    return
+  out = jax.device_get(reconstruct({"params": state.params, "codebook": state.codebook},
+                                   jnp.asarray(images)))
+  grid = viz.reconstruction_grid(np.asarray(images), np.asarray(out["xrec"]),
+                                 np.asarray(out["grain"]), num_grains)
+  writer.write_images(step, {"reconstruction": grid[None]})
+
+
+def _skip_counts() -> dict:
+  counts = pipeline.skipped_counts() if hasattr(pipeline, "skipped_counts") else {}
+  return {f"data/{k}": float(v) for k, v in counts.items()}
+
+
+def _check_finite(scalars: dict, step: int, manager) -> None:
+  bad = [k for k, v in scalars.items() if not np.all(np.isfinite(v))]
+  if bad:
+    raise FloatingPointError(
+        f"non-finite {', '.join(sorted(bad))} at step {step}; last good checkpoint: step "
+        f"{manager.latest_step()} in {manager.directory}")
