@@ -188,3 +188,36 @@ def compute_entropy_thresholds(data_cfg: Any, patch_size: int, num_images: int,
   table.update(num_images=seen, image_size=image_size)
   return table
 
+
+
+def _data_description(data_cfg: Any) -> str:
+  """Names the data source, e.g. 'embedded', 'folder:/data/ffhq', 'tfds:imagenet2012'."""
+  name = data_cfg.get("name", "unknown")
+  if name == "folder":
+    return f"folder:{data_cfg.folder.train_path}"
+  if name == "tfds":
+    return f"tfds:{data_cfg.tfds.name}"
+  return str(name)
+
+
+def write_thresholds_for_config(config: Any, output: str, num_images: int,
+                                batch_size: int = 32, seed: int = 0) -> dict:
+  """Computes the table for a full config (region size = coarsest factor), saves it with its
+  meta to `output` and returns it (with `meta`)."""
+  patch_size = 2**(len(config.model.ch_mult) - 1)
+  table = compute_entropy_thresholds(config.data, patch_size, num_images,
+                                     batch_size=batch_size, seed=seed)
+  meta = {
+      "patch_size": patch_size,
+      "num_bins": 32,
+      "value_range": [-1.0, 1.0],
+      "sigma": 0.01,
+      "image_size": table["image_size"],
+      "num_images": table["num_images"],
+      "num_regions": table["num_regions"],
+      "data": _data_description(config.data),
+      "split": "train",
+      "seed": seed,
+  }
+  save_threshold_table(output, table, meta)
+  return {**table, "meta": meta}

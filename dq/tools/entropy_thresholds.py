@@ -29,16 +29,6 @@ DEFAULT_NUM_IMAGES = 10_000
 REPORT_RATIOS = (0.25, 0.5, 0.75)
 
 
-def _data_description(data_cfg: Any) -> str:
-  """Names the data source, e.g. 'embedded', 'folder:/data/ffhq', 'tfds:imagenet2012'."""
-  name = data_cfg.get("name", "unknown")
-  if name == "folder":
-    return f"folder:{data_cfg.folder.train_path}"
-  if name == "tfds":
-    return f"tfds:{data_cfg.tfds.name}"
-  return str(name)
-
-
 def run(config: Any, output: str | None, num_images: int | None, batch_size: int = 32,
         seed: int = 0) -> dict[str, Any]:
   """Computes, writes and returns the table for `config` (with `data` and `model`)."""
@@ -48,22 +38,10 @@ def run(config: Any, output: str | None, num_images: int | None, batch_size: int
     raise ValueError("no output path: pass --output=PATH or set "
                      "config.model.router.thresholds_path")
   num_images = num_images or router.get("threshold_images", None) or DEFAULT_NUM_IMAGES
-  patch_size = 2**(len(config.model.ch_mult) - 1)
-  table = entropy.compute_entropy_thresholds(config.data, patch_size, num_images,
-                                             batch_size=batch_size, seed=seed)
-  meta = {
-      "patch_size": patch_size,
-      "num_bins": 32,
-      "value_range": [-1.0, 1.0],
-      "sigma": 0.01,
-      "image_size": table["image_size"],
-      "num_images": table["num_images"],
-      "num_regions": table["num_regions"],
-      "data": _data_description(config.data),
-      "split": "train",
-      "seed": seed,
-  }
-  entropy.save_threshold_table(output, table, meta)
+  table = entropy.write_thresholds_for_config(config, output, num_images,
+                                              batch_size=batch_size, seed=seed)
+  meta = table["meta"]
+  patch_size = meta["patch_size"]
   print(f"wrote {output}: {table['num_regions']} regions of {patch_size}x{patch_size} px from "
         f"{table['num_images']} images of {meta['data']}")
   for ratio in REPORT_RATIOS:

@@ -45,13 +45,13 @@ def resolve_entropy_thresholds(config: Any, workdir: str) -> tuple[float, ...]:
     if not os.path.exists(path):
       logging.info("Computing entropy thresholds from %d training images -> %s",
                    router.threshold_images, path)
-      table = entropy.compute_entropy_thresholds(
-          config.data, patch_size=coarse_factor(config.model),
-          num_images=router.threshold_images, seed=config.seed)
       if jax.process_index() == 0:
-        entropy.save_threshold_table(path, table, {"data": config.data.name,
-                                                   "image_size": config.data.image_size})
-      return _thresholds_from_table(table, router, config.model.num_grains)
+        entropy.write_thresholds_for_config(config, path, router.threshold_images, seed=config.seed)
+      else:
+        table = entropy.compute_entropy_thresholds(
+            config.data, patch_size=coarse_factor(config.model),
+            num_images=router.threshold_images, seed=config.seed)
+        return _thresholds_from_table(table, router, config.model.num_grains)
   table = entropy.load_threshold_table(path)
   return _thresholds_from_table(table, router, config.model.num_grains)
 
