@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dq import sharding as sh
+from dq.data.embedded import PHOTO_LABEL
 from dq.data.pipeline import detail_mask_available, make_dataset
 from dq.evaluation import detail, metrics
 
@@ -53,7 +54,8 @@ def evaluate_vae(model, variables: Any, data_cfg: Any, *, mesh, batch_size: int,
                     in_shardings=(sh.replicated(mesh), sh.batch_sharding(mesh)),
                     out_shardings=sh.replicated(mesh))
   with_mask = detail_mask_available(data_cfg)
-  acc: dict[str, list] = {k: [] for k in ("psnr", "ssim", "l1", "grain", "codes", "mask")}
+  acc: dict[str, list] = {k: [] for k in ("psnr", "ssim", "l1", "grain", "codes", "mask",
+                                          "procedural")}
   seen = 0
   for batch in ds:
     n = batch["image"].shape[0]
@@ -64,6 +66,7 @@ def evaluate_vae(model, variables: Any, data_cfg: Any, *, mesh, batch_size: int,
     for k in ("psnr", "ssim", "l1", "grain", "codes"):
       acc[k].append(np.asarray(out[k])[start:start + n])
     acc["mask"].append(np.asarray(batch["detail_mask"]))
+    acc["procedural"].append(np.asarray(batch["label"]) != PHOTO_LABEL)
     seen += n
     if max_images and seen >= max_images:
       break
@@ -98,7 +101,7 @@ def summarize(cat: dict, *, num_grains: int, codebook_size: int,
   result["codebook_usage"] = float(stats["usage"])
   result["codebook_perplexity"] = float(stats["perplexity"])
   if with_detail_mask:
-    has = cat["mask"].reshape(len(grain), -1).max(1) > 0
+    has = cat["procedural"]  # images with a ground-truth detail mask
     if has.any():
       overlap = detail.detail_overlap(grain[has], cat["mask"][has], finest_grain=num_grains - 1)
       result.update({f"detail_{k}": float(v) for k, v in overlap.items()})

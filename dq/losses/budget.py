@@ -1,0 +1,58 @@
+"""Budget penalty that keeps the router's fine-grain ratio near a target.
+
+Gates are [B, h, w, G] (one-hot, straight-through in training), index 0 = coarsest grain.
+Dual grain (official `BudgetConstraint_RatioMSE_DualGrain`): with code costs 1 (coarse) and
+4 (fine) and n = h*w regions, `r = (mean_b sum(cost * g) - n) / (3 n)` (the fraction of fine
+regions for a one-hot gate) and the loss is `gamma * (r - target)^2`. The official
+`calculate_all` variant returns the complement term `gamma * ((1 - r) - (1 - target))^2` twice,
+which is `2 * gamma * (r - target)^2`; this module reproduces that value.
+Triple grain (our definition): `r_m`, `r_f` are the fractions of regions at the median and
+fine grains (mean of the gate channel over batch and regions) and the loss is
+`gamma * ((r_m - t_m)^2 + (r_f - t_f)^2)`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _check_gate(gate: jax.Array, num_grains: int | None = None) -> None:
+  if gate.ndim != 4:
+    raise ValueError(f"gate must be [B, h, w, G]; got shape {gate.shape}")
+  if num_grains is not None and gate.shape[-1] != num_grains:
+    raise ValueError(f"gate has {gate.shape[-1]} grains; expected {num_grains}")
+
+
+def fine_ratio(gate: jax.Array) -> jax.Array:
+  """Fraction of regions coded at the finest grain (dual: the official cost formula)."""
+  _check_gate(gate)
+  gate = gate.astype(jnp.float32)
+  if gate.shape[-1] == 2:
+    regions = gate.shape[1] * gate.shape[2]
+    cost = jnp.sum(gate[..., 0] + 4.0 * gate[..., 1], axis=(1, 2))  # [B]
+    return (jnp.mean(cost) - regions) / (regions * 3.0)
+  return jnp.mean(gate[..., -1])
+
+
+def grain_ratio(gate: jax.Array, grain: int) -> jax.Array:
+  """Fraction of regions coded at granularity `grain` (mean of that gate channel)."""
+  _check_gate(gate)
+  return jnp.mean(gate[..., grain].astype(jnp.float32))
+
+
+def budget_loss(gate: jax.Array, target: float, gamma: float = 10.0,
+                calculate_all: bool = True) -> jax.Array:
+  """Dual-grain budget loss: gamma*(r - target)^2, doubled when `calculate_all` (official)."""
+  _check_gate(gate, 2)
+  ratio = fine_ratio(gate)
+  if calculate_all:
+    return 2.0 * gamma * jnp.square((1.0 - ratio) - (1.0 - target))
+  return gamma * jnp.square(ratio - target)
+
+
+def budget_loss_triple(gate: jax.Array, target_median: float, target_fine: float,
+                       gamma: float = 10.0) -> jax.Array:
+  """Triple-grain budget loss: gamma*((r_median - t_median)^2 + (r_fine - t_fine)^2)."""
+  _check_gate(gate, 3)
+  return gamma * (jnp.square(grain_ratio(gate, 1) - target_median)
+                  + jnp.square(grain_ratio(gate, 2) - target_fine))

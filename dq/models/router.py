@@ -1,0 +1,133 @@
+"""Dynamic Grained Coding router: which granularity encodes each coarsest region.
+
+Gates are one-hot over the last axis, index 0 = coarsest grain .. G-1 = finest, on the
+coarsest grid [B, hc, wc, G].
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dq.models.encoder import grain_names
+from dq.models.layers import Dtype, group_norm, upsample_nearest
+
+
+class FeatureRouter(nn.Module):
+  """Gate logits from the encoder taps (coarsest first): norm, pool, concat, 2-layer MLP.
+
+  Channels are concatenated as [coarse, (median,) pooled fine]; `gate_0` maps G*C -> G*C,
+  SiLU, `gate_2` maps to G logits per coarse region.
+  """
+  num_grains: int = 2
+  num_channels: int = 256
+  norm_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, taps: Sequence[jax.Array]) -> jax.Array:
+    names = grain_names(self.num_grains)
+    if len(taps) != self.num_grains:
+      raise ValueError(f"FeatureRouter expects {self.num_grains} taps; got {len(taps)}")
+    coarse_size = taps[0].shape[1]
+    pooled = []
+    for name, tap in zip(names, taps):
+      if tap.shape[-1] != self.num_channels:
+        raise ValueError(f"router tap '{name}' has {tap.shape[-1]} channels; expected "
+                         f"num_channels={self.num_channels}")
+      h = group_norm(self.norm_groups, self.dtype, f"feature_norm_{name}")(tap)
+      factor = tap.shape[1] // coarse_size
+      if factor > 1:
+        h = nn.avg_pool(h, (factor, factor), strides=(factor, factor))
+      pooled.append(h)  # [B, hc, wc, C]
+    h = jnp.concatenate(pooled, axis=-1)  # [B, hc, wc, G*C]
+    width = self.num_grains * self.num_channels
+    h = nn.silu(nn.Dense(width, dtype=self.dtype, name="gate_0")(h))
+    return nn.Dense(self.num_grains, dtype=self.dtype, name="gate_2")(h).astype(jnp.float32)
+
+
+def hard_gate(logits: jax.Array) -> jax.Array:
+  """One-hot of the argmax over the last axis (ties -> lowest index)."""
+  return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=logits.dtype)
+
+
+def gumbel_straight_through(logits: jax.Array, rng: jax.Array,
+                            temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """Hard Gumbel-softmax sample with straight-through gradients.
+
+  Args:
+    logits: [..., G] gate logits.
+    rng: PRNG key for the Gumbel noise.
+    temperature: softmax temperature (> 0).
+
+  Returns:
+    (hard, soft): `hard` is exactly one-hot in the forward pass and carries the gradient of
+    `soft`, the Gumbel-softmax probabilities [..., G].
+  """
+  if temperature <= 0:
+    raise ValueError(f"gumbel temperature must be > 0; got {temperature}")
+  noise = jax.random.gumbel(rng, logits.shape, jnp.float32)
+  soft = jax.nn.softmax((logits.astype(jnp.float32) + noise) / temperature, axis=-1)
+  hard = hard_gate(soft)
+  # (soft - sg(soft)) is exactly zero in the forward pass, so `hard` stays exactly one-hot.
+  return hard + (soft - jax.lax.stop_gradient(soft)), soft
+
+
+def entropy_gate(entropy: jax.Array, thresholds: Sequence[float]) -> jax.Array:
+  """One-hot gate [B, h, w, G] from region entropies [B, h, w].
+
+  Dual (one threshold t): fine iff entropy > t. Triple (t_median, t_fine): fine iff
+  entropy > t_fine, else median iff entropy > t_median, else coarse.
+  """
+  thresholds = tuple(float(t) for t in thresholds)
+  if len(thresholds) == 1:
+    grain = (entropy > thresholds[0]).astype(jnp.int32)
+  elif len(thresholds) == 2:
+    t_median, t_fine = thresholds
+    if t_median > t_fine:
+      raise ValueError(f"entropy thresholds must be (t_median, t_fine) with t_median <= t_fine; "
+                       f"got {thresholds}")
+    grain = jnp.where(entropy > t_fine, 2, jnp.where(entropy > t_median, 1, 0))
+  else:
+    raise ValueError(f"entropy thresholds must hold 1 (dual) or 2 (triple) values; got "
+                     f"{thresholds}")
+  return jax.nn.one_hot(grain, len(thresholds) + 1, dtype=jnp.float32)
+
+
+def entropy_gate_logits(entropy: jax.Array, thresholds: Sequence[float]) -> jax.Array:
+  """Signed margins [B, h, w, G] whose argmax (ties -> coarser) equals `entropy_gate`.
+
+  Dual: [t - e, e - t]. Triple: [t_median - e, min(e - t_median, t_fine - e), e - t_fine].
+  """
+  if len(thresholds) == 1:
+    margin = entropy - thresholds[0]
+    return jnp.stack([-margin, margin], axis=-1)
+  t_median, t_fine = thresholds
+  return jnp.stack([t_median - entropy, jnp.minimum(entropy - t_median, t_fine - entropy),
+                    entropy - t_fine], axis=-1)
+
+
+def merge_grains(taps: Sequence[jax.Array], gate: jax.Array) -> jax.Array:
+  """Per-region choice of a granularity's features, on the finest grid.
+
+  Args:
+    taps: G maps [B, h_g, w_g, C], coarsest first, each grid twice the previous one.
+    gate: [B, hc, wc, G] one-hot gate (straight-through in training).
+
+  Returns:
+    [B, hf, wf, C]: sum_g gate_g * tap_g after nearest-upsampling every map (and the gate) to
+    the finest grid. With an exactly one-hot gate this equals `where(grain == g, tap_g)`, and
+    the gate still receives gradients.
+  """
+  if len(taps) != gate.shape[-1]:
+    raise ValueError(f"merge_grains got {len(taps)} taps for a gate with {gate.shape[-1]} grains")
+  finest = taps[-1].shape[1]
+  coarse = gate.shape[1]
+  gate_fine = upsample_nearest(gate, finest // coarse).astype(taps[-1].dtype)  # [B, hf, wf, G]
+  merged = None
+  for g, tap in enumerate(taps):
+    term = gate_fine[..., g:g + 1] * upsample_nearest(tap, finest // tap.shape[1])
+    merged = term if merged is None else merged + term
+  return merged
