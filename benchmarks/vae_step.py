@@ -6,7 +6,8 @@ block, attention at 16 and 32, z 64, feature router with Gumbel, codebook 1024x6
 ch_mult (1,1,2,2), attention at 32, Fourier+learned positions; loss L1 + codebook + budget.
 
   python benchmarks/vae_step.py [--steps 10] [--batch 2] [--resolution 256]
-Prints one JSON line.
+  python benchmarks/vae_step.py --config=configs/ffhq_vae.py --batch 32   # a config's model
+Prints one JSON line (with peak device memory where the backend reports it).
 """
 import argparse
 import json
@@ -40,21 +41,41 @@ def bench_config(batch: int, resolution: int):
   return config
 
 
+def load_config(spec: str):
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--resolution", type=int, default=256)
+  parser.add_argument("--config", default="", help="config file[:arg] whose model to time")
+  parser.add_argument("--precision", default="", help="jax_default_matmul_precision")
   args = parser.parse_args()
-  config = bench_config(args.batch, args.resolution)
+  if args.precision:
+    jax.config.update("jax_default_matmul_precision", args.precision)
+  if args.config:
+    config = load_config(args.config)
+    config.train.batch_size = args.batch
+    args.resolution = config.data.image_size
+  else:
+    config = bench_config(args.batch, args.resolution)
   mesh = sh.make_mesh(config.mesh)
-  model = build_dqvae(config.model)
+  model = build_dqvae(config.model, entropy_thresholds=(
+      (0.5,) * (config.model.num_grains - 1) if config.model.router.kind == "entropy" else ()))
   tx, schedule = make_optimizer(config.optim, config.train.num_steps)
   init_fn = make_init_fn(model, tx, args.resolution)
   repl = sh.replicated(mesh)
   state = jax.jit(init_fn, out_shardings=repl)(jax.random.PRNGKey(0))
   update_fn = make_update_fn(model, tx, schedule, loss_cfg=config.loss,
-                             router_cfg=config.model.router, num_grains=2)
+                             router_cfg=config.model.router,
+                             num_grains=config.model.num_grains)
   step = jax.jit(update_fn, in_shardings=(repl, sh.batch_sharding(mesh)),
                  out_shardings=(repl, repl), donate_argnums=0)
   rng = np.random.default_rng(0)
@@ -71,6 +92,8 @@ def main():
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   n_params = sum(p.size for p in jax.tree.leaves(state.params))
+  mem = jax.devices()[0].memory_stats() or {}
+  m = config.model
   print(json.dumps({
       "benchmark": "vae_step",
       "median_step_s": round(statistics.median(times), 4),
@@ -82,10 +105,17 @@ def main():
       "device": jax.devices()[0].device_kind,
       "num_devices": jax.device_count(),
       "host": platform.machine(),
-      "config": {"batch": args.batch, "resolution": args.resolution, "ch": 32,
-                 "ch_mult": [1, 1, 2, 2, 4], "attn": [16, 32], "z": 64, "codebook": [1024, 64],
-                 "dec_ch_mult": [1, 1, 2, 2], "router": "feature+gumbel",
-                 "loss": "l1+codebook+budget", "optimizer": "adam"},
+      "images_per_s": round(args.batch / statistics.median(times), 2),
+      "peak_device_bytes": mem.get("peak_bytes_in_use"),
+      "config": {"source": args.config or "issue reference", "batch": args.batch,
+                 "resolution": args.resolution, "ch": m.ch, "ch_mult": list(m.ch_mult),
+                 "num_res_blocks": m.num_res_blocks, "attn": list(m.attn_resolutions),
+                 "z": m.z_channels, "codebook": [m.codebook_size, m.embed_dim],
+                 "dec_ch": m.dec_ch, "dec_ch_mult": list(m.dec_ch_mult),
+                 "dec_attn": list(m.dec_attn_resolutions), "router": m.router.kind,
+                 "num_grains": m.num_grains, "loss": "l1+codebook+budget",
+                 "optimizer": config.optim.name,
+                 "matmul_precision": args.precision or "default"},
   }))
 
 
