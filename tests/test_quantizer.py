@@ -117,12 +117,13 @@ def test_train_update_with_restart(num_vectors):
   z = np.random.RandomState(6).randn(1, 1, num_vectors, D).astype(np.float32)
   mask = np.ones((1, 1, num_vectors), np.float32)
   quantizer = EMAVectorQuantizer(K, D, restart_unused_codes=True)
-  (_, codes, _), new = apply_quantizer(quantizer, state, z, mask, True,
-                                       {"codebook": jax.random.PRNGKey(7)})
+  (_, codes, aux), new = apply_quantizer(quantizer, state, z, mask, True,
+                                         {"codebook": jax.random.PRNGKey(7)})
   cs, es = np_ema(z.reshape(-1, D), np.asarray(codes).reshape(-1),
                   state["cluster_size"], state["embed_sum"])
   dead = cs < 1
   assert dead.sum() >= 5
+  np.testing.assert_allclose(aux["dead_fraction"], dead.mean())  # measured before the restart
   got = new
   np.testing.assert_allclose(got["cluster_size"], np.where(dead, 1.0, cs), rtol=1e-6)
   np.testing.assert_allclose(got["embed_sum"][~dead], es[~dead], rtol=1e-5, atol=1e-6)

@@ -36,8 +36,12 @@ def tile_with_noise(vectors: jax.Array, target: int, rng: jax.Array) -> jax.Arra
 
 def ema_codebook_update(z: jax.Array, codes: jax.Array, cluster_size: jax.Array,
                         embed_sum: jax.Array, *, decay: float, eps: float,
-                        restart_rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One EMA step over all vectors (z [N, D], codes [N]); returns (embedding, cs, embed_sum).
+                        restart_rng: jax.Array | None
+                        ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """One EMA step over all vectors (z [N, D], codes [N]).
+
+  Returns (embedding, cluster_size, embed_sum, dead_fraction), where dead_fraction is the
+  fraction of codes whose EMA count fell below 1 in this step (those that are restarted).
 
   With `restart_rng`, codes whose EMA count is below 1 are re-seeded with a random batch
   vector (batch tiled with small noise when N < K) and their count set to 1.
@@ -47,6 +51,7 @@ def ema_codebook_update(z: jax.Array, codes: jax.Array, cluster_size: jax.Array,
   sums = jax.ops.segment_sum(z, codes, num_codes)  # [K, D]
   cluster_size = decay * cluster_size + (1.0 - decay) * counts
   embed_sum = decay * embed_sum + (1.0 - decay) * sums
+  dead_fraction = jnp.mean((cluster_size < 1.0).astype(jnp.float32))
   if restart_rng is not None:
     noise_rng, perm_rng = jax.random.split(restart_rng)
     pool = tile_with_noise(z, num_codes, noise_rng) if z.shape[0] < num_codes else z
@@ -56,7 +61,7 @@ def ema_codebook_update(z: jax.Array, codes: jax.Array, cluster_size: jax.Array,
     cluster_size = jnp.where(used, cluster_size, 1.0)
   total = jnp.sum(cluster_size)
   normalized = total * (cluster_size + eps) / (total + num_codes * eps)  # [K]
-  return embed_sum / normalized[:, None], cluster_size, embed_sum
+  return embed_sum / normalized[:, None], cluster_size, embed_sum, dead_fraction
 
 
 def code_statistics(codes: jax.Array, num_codes: int) -> dict[str, jax.Array]:
@@ -120,6 +125,7 @@ class EMAVectorQuantizer(nn.Module):
     aux = {"codebook_loss": self.beta * commitment + codebook_term,
            **code_statistics(codes, self.codebook_size)}
 
+    aux["dead_fraction"] = jnp.mean((self.cluster_size.value < 1.0).astype(jnp.float32))
     if train and self.is_mutable_collection("codebook") and not self.is_initializing():
       restart_rng = None
       if self.restart_unused_codes:
@@ -128,12 +134,11 @@ class EMAVectorQuantizer(nn.Module):
                            "rng in training: apply(..., rngs={'codebook': key}, "
                            "mutable=['codebook'])")
         restart_rng = self.make_rng("codebook")
-      new_embedding, new_cluster_size, new_embed_sum = ema_codebook_update(
+      new_embedding, new_cluster_size, new_embed_sum, aux["dead_fraction"] = ema_codebook_update(
           jax.lax.stop_gradient(flat), codes.reshape(-1), self.cluster_size.value,
           self.embed_sum.value, decay=self.decay, eps=self.eps, restart_rng=restart_rng)
       self.embedding.value = new_embedding
       self.cluster_size.value = new_cluster_size
       self.embed_sum.value = new_embed_sum
-    aux["dead_fraction"] = jnp.mean((self.cluster_size.value < 1.0).astype(jnp.float32))
     # quant + (z - sg(z)): forward value exactly the code vector, gradient identity to z.
     return quant + (z - jax.lax.stop_gradient(z)), codes, aux
