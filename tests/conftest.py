@@ -5,11 +5,16 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Trainer tests build the same step several times (a run, then its resume): a per-session
+# persistent compilation cache lets the later builds skip XLA compilation.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="dq_jax_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
