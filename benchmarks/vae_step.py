@@ -3,7 +3,8 @@
 Config (the issue's reference point; the official PyTorch code takes ~2.0 s for the
 forward+backward on a 2-core CPU): batch 2, 256 px, encoder ch 32, ch_mult (1,1,2,2,4), 1 res
 block, attention at 16 and 32, z 64, feature router with Gumbel, codebook 1024x64, decoder ch 32,
-ch_mult (1,1,2,2), attention at 32, Fourier+learned positions; loss L1 + codebook + budget.
+ch_mult (1,1,2,2), attention at 32, Fourier+learned positions; loss L1 + codebook + budget
+(`--full_loss`: + LPIPS + PatchGAN with the adaptive weight, discriminator step included).
 
   python benchmarks/vae_step.py [--steps 10] [--batch 2] [--resolution 256]
   python benchmarks/vae_step.py --config=configs/ffhq_vae.py --batch 32   # a config's model
@@ -24,7 +25,7 @@ from dq.configs import vae_base_config
 from dq.models.build import build_dqvae
 from dq.train.optim import make_optimizer
 from dq.train.vae_step import make_update_fn
-from dq.train.vae_trainer import make_init_fn
+from dq.train.vae_trainer import make_discriminator, make_init_fn
 
 
 def bench_config(batch: int, resolution: int):
@@ -57,6 +58,9 @@ def main():
   parser.add_argument("--resolution", type=int, default=256)
   parser.add_argument("--config", default="", help="config file[:arg] whose model to time")
   parser.add_argument("--precision", default="", help="jax_default_matmul_precision")
+  parser.add_argument("--full_loss", action="store_true",
+                      help="add LPIPS + PatchGAN (adaptive weight) from step 0; random LPIPS "
+                           "weights when none are installed (timing does not depend on them)")
   args = parser.parse_args()
   if args.precision:
     jax.config.update("jax_default_matmul_precision", args.precision)
@@ -70,25 +74,39 @@ def main():
   model = build_dqvae(config.model, entropy_thresholds=(
       (0.5,) * (config.model.num_grains - 1) if config.model.router.kind == "entropy" else ()))
   tx, schedule = make_optimizer(config.optim, config.train.num_steps)
-  init_fn = make_init_fn(model, tx, args.resolution)
+  perceptual, frozen = None, {}
+  if args.full_loss:
+    from dq.losses import lpips
+    config.loss.update(dict(perceptual_weight=1.0, disc_weight=0.75, disc_start=0))
+    net = lpips.LPIPS()
+    perceptual = lambda fr, a, b: net.apply({"params": fr["lpips"]}, a, b)  # noqa: E731
+    try:
+      frozen = {"lpips": lpips.load_lpips_params()}
+    except FileNotFoundError:
+      frozen = {"lpips": lpips.random_lpips_params(jax.random.PRNGKey(1))}
+  else:
+    config.loss.update(dict(perceptual_weight=0.0, disc_weight=0.0))
+  discriminator, disc_tx = make_discriminator(config)
+  init_fn = make_init_fn(model, tx, args.resolution, discriminator, disc_tx)
   repl = sh.replicated(mesh)
   state = jax.jit(init_fn, out_shardings=repl)(jax.random.PRNGKey(0))
   update_fn = make_update_fn(model, tx, schedule, loss_cfg=config.loss,
                              router_cfg=config.model.router,
-                             num_grains=config.model.num_grains)
-  step = jax.jit(update_fn, in_shardings=(repl, sh.batch_sharding(mesh)),
+                             num_grains=config.model.num_grains, discriminator=discriminator,
+                             disc_tx=disc_tx, perceptual=perceptual)
+  step = jax.jit(update_fn, in_shardings=(repl, sh.batch_sharding(mesh), repl),
                  out_shardings=(repl, repl), donate_argnums=0)
   rng = np.random.default_rng(0)
   x = rng.uniform(-1, 1, (args.batch, args.resolution, args.resolution, 3)).astype(np.float32)
   batch = sh.shard_batch({"image": x}, mesh)
   t0 = time.perf_counter()
-  state, metrics = step(state, batch)
+  state, metrics = step(state, batch, frozen)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0
   times = []
   for _ in range(args.steps):
     t0 = time.perf_counter()
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, frozen)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   n_params = sum(p.size for p in jax.tree.leaves(state.params))
@@ -113,7 +131,9 @@ def main():
                  "z": m.z_channels, "codebook": [m.codebook_size, m.embed_dim],
                  "dec_ch": m.dec_ch, "dec_ch_mult": list(m.dec_ch_mult),
                  "dec_attn": list(m.dec_attn_resolutions), "router": m.router.kind,
-                 "num_grains": m.num_grains, "loss": "l1+codebook+budget",
+                 "num_grains": m.num_grains,
+                 "loss": "l1+lpips+codebook+budget+gan" if args.full_loss
+                         else "l1+codebook+budget",
                  "optimizer": config.optim.name,
                  "matmul_precision": args.precision or "default"},
   }))

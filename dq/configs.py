@@ -42,7 +42,13 @@ def vae_base_config() -> ml_collections.ConfigDict:
   config.model.router.threshold_images = 512
   config.loss = ml_collections.ConfigDict(dict(
       l1_weight=1.0, codebook_weight=1.0, budget_weight=1.0, budget_gamma=10.0,
-      budget_calculate_all=True))
+      budget_calculate_all=True,
+      perceptual_weight=0.0, lpips_weights="",      # LPIPS (VGG16); weights path or env/package
+      disc_weight=0.0, disc_start=0, disc_loss="hinge", adaptive_weight_max=1e4,
+      disc_ndf=64, disc_layers=3))
+  config.optim_disc = ml_collections.ConfigDict(dict(
+      name="adam", lr=4.5e-6 * 32, b1=0.5, b2=0.9, eps=1e-8, weight_decay=0.0,
+      warmup_steps=0, schedule="cosine", end_factor=0.0, grad_clip=0.0))
   config.optim = ml_collections.ConfigDict(dict(
       name="adam", lr=4.5e-6 * 32, b1=0.5, b2=0.9, eps=1e-8, weight_decay=0.0,
       warmup_steps=0, schedule="cosine", end_factor=0.0, grad_clip=0.0))
@@ -74,8 +80,10 @@ def vae_paper_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     config.model.router.fine_ratio = 0.3
   config.train.batch_size = 32
   config.train.num_steps = 400_000
-  config.optim.lr = 4.5e-6 * config.train.batch_size
-  config.optim.warmup_steps = 5000
+  config.optim.lr = config.optim_disc.lr = 4.5e-6 * config.train.batch_size
+  config.optim.warmup_steps = config.optim_disc.warmup_steps = 5000
+  # Official stage-1 loss: L1 + LPIPS + codebook + budget + adaptive hinge GAN from step 30k.
+  config.loss.update(dict(perceptual_weight=1.0, disc_weight=0.75, disc_start=30_000))
   if arg.tiny:
     config.data.image_size = config.model.resolution = 64
     config.model.update(dict(ch=32, z_channels=32, embed_dim=32, codebook_size=64, dec_ch=32,
@@ -86,5 +94,6 @@ def vae_paper_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     config.train.update(dict(batch_size=8, num_steps=20, log_every=5, summary_every=10,
                              checkpoint_every=10))
     config.eval.update(dict(batch_size=8, max_images=32))
-    config.optim.warmup_steps = 0
+    config.optim.warmup_steps = config.optim_disc.warmup_steps = 0
+    config.loss.disc_start = 10
   return config

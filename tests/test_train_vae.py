@@ -51,6 +51,8 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 def test_train_writes_summaries_and_eval(tmp_path):
   config = tiny_config(2, summary_every=2, summary_images=4)
   config.eval.at_end = True
+  # PatchGAN on from step 1: its state is checkpointed and restored with the rest.
+  config.loss.update(dict(disc_weight=0.75, disc_start=1, disc_ndf=8, disc_layers=2))
   state = vae_trainer.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2
   pngs = os.listdir(tmp_path / "summaries")
@@ -61,8 +63,9 @@ def test_train_writes_summaries_and_eval(tmp_path):
   assert np.isfinite(result["psnr"]) and -1.0 <= result["ssim"] <= 1.0
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   for key in ("loss", "loss_l1", "loss_codebook", "loss_budget", "fine_ratio", "perplexity",
-              "dead_fraction", "steps_per_sec"):
+              "dead_fraction", "steps_per_sec", "disc_loss", "adaptive_weight"):
     assert key in rows[0], key
+  assert rows[0]["adaptive_weight"] == 0.0 and rows[1]["adaptive_weight"] > 0
   # Eval mode restores the checkpoint and reproduces the same numbers.
   config.mode = "eval"
   again = vae_trainer.evaluate(config, str(tmp_path))

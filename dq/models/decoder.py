@@ -98,4 +98,7 @@ class Decoder(nn.Module):
       if level != 0:
         current_res *= 2
     h = swish(group_norm(self.norm_groups, self.dtype, "norm_out")(h))
+    # The last layer's input, for the adaptive GAN weight (collected only when
+    # 'intermediates' is mutable).
+    self.sow("intermediates", "last_layer_input", h)
     return conv3x3(self.out_ch, self.dtype, "conv_out")(h)  # [B, H, W, out_ch]

@@ -15,6 +15,9 @@ class TrainState:
   opt_state: Any
   codebook: Any          # EMA codebook collection (not touched by the optimizer)
   rng: jnp.ndarray       # [2] uint32 base key; per-step keys are fold_in(rng, step)
+  disc_params: Any = flax.struct.field(default_factory=dict)       # PatchGAN ({} if unused)
+  disc_batch_stats: Any = flax.struct.field(default_factory=dict)
+  disc_opt_state: Any = flax.struct.field(default_factory=dict)
 
 
 def sharded_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array,

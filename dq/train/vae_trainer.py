@@ -69,16 +69,42 @@ def build_model(config: Any, workdir: str):
   return build_dqvae(config.model, entropy_thresholds=thresholds)
 
 
-def make_init_fn(model, tx, image_size: int):
+def make_init_fn(model, tx, image_size: int, discriminator=None, disc_tx=None):
   def init_fn(rng):
     params_rng, gumbel_rng, codebook_rng, state_rng = jax.random.split(rng, 4)
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = model.init({"params": params_rng, "gumbel": gumbel_rng,
                             "codebook": codebook_rng}, dummy, train=False)
     params = variables["params"]
+    disc = {}
+    if discriminator is not None:
+      disc_vars = discriminator.init(jax.random.fold_in(params_rng, 1), jnp.zeros(
+          (2, image_size, image_size, 3), jnp.float32), train=False)
+      disc = dict(disc_params=disc_vars["params"], disc_batch_stats=disc_vars["batch_stats"],
+                  disc_opt_state=disc_tx.init(disc_vars["params"]))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      codebook=variables["codebook"], rng=state_rng)
+                      codebook=variables["codebook"], rng=state_rng, **disc)
   return init_fn
+
+
+def make_discriminator(config: Any):
+  """The PatchGAN and its optimizer when `loss.disc_weight > 0`, else (None, None)."""
+  if config.loss.get("disc_weight", 0.0) <= 0:
+    return None, None
+  from dq.models.discriminator import PatchDiscriminator
+  disc = PatchDiscriminator(ndf=config.loss.disc_ndf, num_layers=config.loss.disc_layers)
+  disc_tx, _ = make_optimizer(config.optim_disc, config.train.num_steps)
+  return disc, disc_tx
+
+
+def make_perceptual(config: Any):
+  """(LPIPS fn(frozen, x, y) -> [B], frozen dict) when `loss.perceptual_weight > 0`."""
+  if config.loss.get("perceptual_weight", 0.0) <= 0:
+    return None, {}
+  from dq.losses import lpips
+  params = lpips.load_lpips_params(config.loss.get("lpips_weights") or None)
+  net = lpips.LPIPS()
+  return (lambda frozen, x, y: net.apply({"params": frozen["lpips"]}, x, y)), {"lpips": params}
 
 
 def check_batch_size(batch_size: int, mesh, field: str) -> int:
@@ -102,7 +128,8 @@ def setup(config: Any, workdir: str):
   local_bs = check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
   model = build_model(config, workdir)
   tx, schedule = make_optimizer(config.optim, config.train.num_steps)
-  init_fn = make_init_fn(model, tx, config.data.image_size)
+  discriminator, disc_tx = make_discriminator(config)
+  init_fn = make_init_fn(model, tx, config.data.image_size, discriminator, disc_tx)
   rng = jax.random.PRNGKey(config.seed)
   repl = sh.replicated(mesh)
   state_shardings = jax.tree.map(lambda _: repl, jax.eval_shape(init_fn, rng))
@@ -129,11 +156,16 @@ def setup(config: Any, workdir: str):
 def train_and_evaluate(config: Any, workdir: str) -> TrainState:
   """Trains stage 1 for `config.train.num_steps`, with summaries, checkpoints and evaluation."""
   _save_config(config, workdir)
+  perceptual, frozen = make_perceptual(config)  # fails early when LPIPS weights are missing
   mesh, model, tx, schedule, state, state_shardings, train_iter, manager = setup(config, workdir)
+  discriminator, disc_tx = make_discriminator(config)
   update_fn = make_update_fn(model, tx, schedule, loss_cfg=config.loss,
-                             router_cfg=config.model.router, num_grains=config.model.num_grains)
-  train_step = jax.jit(update_fn, in_shardings=(state_shardings, sh.batch_sharding(mesh)),
-                       out_shardings=(state_shardings, sh.replicated(mesh)), donate_argnums=0)
+                             router_cfg=config.model.router, num_grains=config.model.num_grains,
+                             discriminator=discriminator, disc_tx=disc_tx, perceptual=perceptual)
+  repl = sh.replicated(mesh)
+  train_step = jax.jit(update_fn, in_shardings=(state_shardings, sh.batch_sharding(mesh), repl),
+                       out_shardings=(state_shardings, repl), donate_argnums=0)
+  frozen = jax.device_put(frozen, repl)
   writer = create_writer(workdir, tensorboard=config.train.get("tensorboard", True))
   summary_images = _summary_batch(config, mesh)
   reconstruct = jax.jit(make_reconstruct_fn(model))
@@ -146,7 +178,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
   t_log, s_log = time.perf_counter(), start
   for step in range(start + 1, total + 1):
     batch = next(train_iter)
-    state, metrics = train_step(state, sh.shard_batch({"image": batch["image"]}, mesh))
+    state, metrics = train_step(state, sh.shard_batch({"image": batch["image"]}, mesh), frozen)
     progress(step)
     if step % config.train.log_every == 0 or step == total:
       scalars = jax.device_get(metrics)
@@ -186,7 +218,7 @@ def evaluate(config: Any, workdir: str) -> dict:
   mesh = sh.make_mesh(config.get("mesh"))
   model = build_model(config, workdir)
   tx, _ = make_optimizer(config.optim, config.train.num_steps)
-  init_fn = make_init_fn(model, tx, config.data.image_size)
+  init_fn = make_init_fn(model, tx, config.data.image_size, *make_discriminator(config))
   rng = jax.random.PRNGKey(config.seed)
   repl = sh.replicated(mesh)
   shardings = jax.tree.map(lambda _: repl, jax.eval_shape(init_fn, rng))

@@ -1,0 +1,40 @@
+"""Adversarial losses and the adaptive generator weight (VQGAN recipe)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
+  return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
+
+
+def non_saturating_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
+  return 0.5 * (jnp.mean(jax.nn.softplus(-logits_real)) + jnp.mean(jax.nn.softplus(logits_fake)))
+
+
+def generator_loss(logits_fake: jax.Array, kind: str) -> jax.Array:
+  """hinge: -E[D(G)]; non_saturating: E[softplus(-D(G))]."""
+  if kind == "hinge":
+    return -jnp.mean(logits_fake)
+  return jnp.mean(jax.nn.softplus(-logits_fake))
+
+
+def discriminator_loss(logits_real: jax.Array, logits_fake: jax.Array, kind: str) -> jax.Array:
+  if kind == "hinge":
+    return hinge_d_loss(logits_real, logits_fake)
+  if kind == "non_saturating":
+    return non_saturating_d_loss(logits_real, logits_fake)
+  raise ValueError(f"config.loss.disc_loss={kind!r}: expected 'hinge' or 'non_saturating'")
+
+
+def adaptive_weight(nll_grad: jax.Array, g_grad: jax.Array, max_weight: float = 1e4) -> jax.Array:
+  """||grad nll|| / (||grad g|| + 1e-4) at the decoder's last layer, clipped to [0, max_weight],
+  with no gradient through it."""
+  w = jnp.linalg.norm(nll_grad) / (jnp.linalg.norm(g_grad) + 1e-4)
+  return jax.lax.stop_gradient(jnp.clip(w, 0.0, max_weight))
+
+
+def adopt_weight(step: jax.Array, start: int) -> jax.Array:
+  """1.0 from `start` on, 0.0 before (the GAN switches on at `disc_start`)."""
+  return (step >= start).astype(jnp.float32)
