@@ -55,7 +55,8 @@ def vae_base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(dict(
       batch_size=32, num_steps=100_000, log_every=50, summary_every=1000, summary_images=8,
       checkpoint_every=1000, keep_checkpoints=3, async_checkpointing=True, tensorboard=True))
-  config.eval = ml_collections.ConfigDict(dict(batch_size=32, at_end=True, max_images=0))
+  config.eval = ml_collections.ConfigDict(dict(batch_size=32, at_end=True, max_images=0,
+                                               lpips=True))
   return config
 
 

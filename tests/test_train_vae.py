@@ -61,6 +61,7 @@ def test_train_writes_summaries_and_eval(tmp_path):
   assert result["num_images"] == 16
   assert 0.0 <= result["fine_ratio_mean"] <= 1.0
   assert np.isfinite(result["psnr"]) and -1.0 <= result["ssim"] <= 1.0
+  assert 0.0 < result["lpips"] < 2.0  # the installed LPIPS weights are found
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   for key in ("loss", "loss_l1", "loss_codebook", "loss_budget", "fine_ratio", "perplexity",
               "dead_fraction", "steps_per_sec", "disc_loss", "adaptive_weight"):
@@ -76,3 +77,39 @@ def test_batch_size_must_divide_devices(tmp_path):
   config = tiny_config(1, batch_size=6)
   with pytest.raises(ValueError, match="batch_size=6"):
     vae_trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_init_from_converted_official_weights(tmp_path, official_dqvae):
+  import ml_collections
+  from dq.models.build import build_dqvae
+  from dq.tools import convert_official_dqvae as conv
+  from dq.train.optim import make_optimizer
+  from dq.train.state import abstract_with_shardings
+  sd = {k[3:]: v for k, v in official_dqvae.items() if k.startswith("sd/")}
+  params, codebook = conv.convert_state_dict(sd)
+  model_cfg = conv.infer_model_config(sd)
+  conv.save_converted(str(tmp_path / "official"), {"params": params, "codebook": codebook},
+                      model_cfg)
+  config = tiny_config(1)
+  config.model = ml_collections.ConfigDict(model_cfg)
+  model = build_dqvae(config.model)
+  tx, _ = make_optimizer(config.optim, 1)
+  init_fn = vae_trainer.make_init_fn(model, tx, model_cfg["resolution"])
+  rng = jax.random.PRNGKey(0)
+  state = init_fn(rng)
+  repl = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices(), ("d",)),
+                                    jax.sharding.PartitionSpec())
+  abstract = abstract_with_shardings(init_fn, rng, jax.tree.map(lambda _: repl, state))
+  loaded = vae_trainer.init_from(str(tmp_path / "official"), state, abstract)
+  for a, b in zip(jax.tree.leaves((loaded.params, loaded.codebook)),
+                  jax.tree.leaves((params, codebook))):
+    np.testing.assert_array_equal(a, b)
+  # A model of another width cannot take these weights: the error names the field to fix.
+  config.model.ch = 64
+  other = build_dqvae(config.model)
+  init_other = vae_trainer.make_init_fn(other, tx, model_cfg["resolution"])
+  state_other = init_other(rng)
+  abstract_other = abstract_with_shardings(init_other, rng,
+                                           jax.tree.map(lambda _: repl, state_other))
+  with pytest.raises(ValueError, match="do not match config.model"):
+    vae_trainer.init_from(str(tmp_path / "official"), state_other, abstract_other)

@@ -21,27 +21,36 @@ def grain_costs(num_grains: int) -> np.ndarray:
   return 4 ** np.arange(num_grains)
 
 
-def make_eval_fn(model, num_grains: int):
-  """(variables, x) -> per-image metrics and the grain map, all eval mode."""
+def make_eval_fn(model, num_grains: int, with_lpips: bool = False):
+  """(variables, x, lpips_params) -> per-image metrics and the grain map, all eval mode."""
+  lpips_net = None
+  if with_lpips:
+    from dq.losses.lpips import LPIPS
+    lpips_net = LPIPS(precision="highest")
 
-  def eval_fn(variables, x):
+  def eval_fn(variables, x, lpips_params):
     out = model.apply(variables, x, train=False)
     xrec = jnp.clip(out["xrec"], -1.0, 1.0)
-    grain = out["grain"]
-    return {
+    result = {
         "psnr": metrics.psnr(x, xrec),
         "ssim": metrics.ssim(x, xrec),
         "l1": metrics.l1(x, xrec),
-        "grain": grain,
+        "grain": out["grain"],
         "codes": out["codes"],
     }
+    if lpips_net is not None:
+      result["lpips"] = lpips_net.apply({"params": lpips_params}, x, xrec)
+    return result
 
   return eval_fn
 
 
 def evaluate_vae(model, variables: Any, data_cfg: Any, *, mesh, batch_size: int,
-                 num_grains: int, codebook_size: int, max_images: int | None = None) -> dict:
-  """Runs the eval split once (last batch padded) and returns a JSON-able dict."""
+                 num_grains: int, codebook_size: int, max_images: int | None = None,
+                 lpips_params: Any = None) -> dict:
+  """Runs the eval split once (last batch padded) and returns a JSON-able dict.
+
+  With `lpips_params` (LPIPS VGG16 weights) the per-image LPIPS distance is reported too."""
   dp = sh.data_parallel_size(mesh)
   if batch_size % dp:
     raise ValueError(f"config.eval.batch_size={batch_size} must be divisible by the "
@@ -50,20 +59,24 @@ def evaluate_vae(model, variables: Any, data_cfg: Any, *, mesh, batch_size: int,
   ds = make_dataset(data_cfg, split="eval", batch_size=local_bs, seed=0, train=False,
                     shard_index=jax.process_index(), shard_count=jax.process_count(),
                     num_epochs=1, drop_remainder=False)
-  eval_fn = jax.jit(make_eval_fn(model, num_grains),
-                    in_shardings=(sh.replicated(mesh), sh.batch_sharding(mesh)),
+  with_lpips = lpips_params is not None
+  metric_names = ("psnr", "ssim", "l1") + (("lpips",) if with_lpips else ())
+  eval_fn = jax.jit(make_eval_fn(model, num_grains, with_lpips),
+                    in_shardings=(sh.replicated(mesh), sh.batch_sharding(mesh),
+                                  sh.replicated(mesh)),
                     out_shardings=sh.replicated(mesh))
   with_mask = detail_mask_available(data_cfg)
-  acc: dict[str, list] = {k: [] for k in ("psnr", "ssim", "l1", "grain", "codes", "mask",
-                                          "procedural")}
+  acc: dict[str, list] = {k: [] for k in metric_names + ("grain", "codes", "mask",
+                                                         "procedural")}
   seen = 0
   for batch in ds:
     n = batch["image"].shape[0]
     image = _pad_to(batch["image"], local_bs)
-    out = jax.device_get(eval_fn(variables, sh.shard_batch({"image": image}, mesh)["image"]))
+    out = jax.device_get(eval_fn(variables, sh.shard_batch({"image": image}, mesh)["image"],
+                                 lpips_params if with_lpips else {}))
     # Each process keeps its own rows of the global batch.
     start = jax.process_index() * local_bs
-    for k in ("psnr", "ssim", "l1", "grain", "codes"):
+    for k in metric_names + ("grain", "codes"):
       acc[k].append(np.asarray(out[k])[start:start + n])
     acc["mask"].append(np.asarray(batch["detail_mask"]))
     acc["procedural"].append(np.asarray(batch["label"]) != PHOTO_LABEL)
@@ -73,8 +86,11 @@ def evaluate_vae(model, variables: Any, data_cfg: Any, *, mesh, batch_size: int,
   if not seen:
     raise RuntimeError("evaluation: the eval split produced no images")
   cat = {k: np.concatenate(v)[:max_images or None] for k, v in acc.items()}
-  return summarize(cat, num_grains=num_grains, codebook_size=codebook_size,
-                   with_detail_mask=with_mask)
+  result = summarize(cat, num_grains=num_grains, codebook_size=codebook_size,
+                     with_detail_mask=with_mask)
+  if with_lpips:
+    result["lpips"] = float(cat["lpips"].mean())
+  return result
 
 
 def summarize(cat: dict, *, num_grains: int, codebook_size: int,

@@ -107,6 +107,28 @@ def make_perceptual(config: Any):
   return (lambda frozen, x, y: net.apply({"params": frozen["lpips"]}, x, y)), {"lpips": params}
 
 
+def init_from(path: str, state: TrainState, abstract: TrainState) -> TrainState:
+  """Params + EMA codebook from a dq workdir/checkpoint, or from a folder written by
+  `python -m dq.tools.convert_official_dqvae` (official PyTorch weights)."""
+  if os.path.isfile(os.path.join(path, "params.npz")):
+    from dq.tools.convert_official_dqvae import load_converted
+    variables, _ = load_converted(path)
+    loaded = {"params": variables["params"], "codebook": variables["codebook"]}
+  else:
+    restored = ckpt.restore_params_from(path, abstract)
+    loaded = {"params": restored.params, "codebook": restored.codebook}
+  expected = {"params": abstract.params, "codebook": abstract.codebook}
+  if jax.tree.structure(loaded) != jax.tree.structure(expected) or any(
+      np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected))):
+    raise ValueError(f"config.init_from={path}: its parameters do not match config.model "
+                     "(different widths, levels or codebook); set the model fields to the "
+                     "checkpoint's (a converted folder has them in model_config.json)")
+  loaded = jax.tree.map(lambda a, b: jax.device_put(np.asarray(a, b.dtype), b.sharding),
+                        loaded, expected)
+  logging.info("Initialised params and codebook from %s", path)
+  return state.replace(params=loaded["params"], codebook=loaded["codebook"])
+
+
 def check_batch_size(batch_size: int, mesh, field: str) -> int:
   dp = sh.data_parallel_size(mesh)
   if batch_size % dp or batch_size % jax.process_count():
@@ -146,10 +168,8 @@ def setup(config: Any, workdir: str):
   else:
     state, _ = sharded_init(init_fn, rng, lambda a: state_shardings)
     if config.get("init_from"):
-      abstract = abstract_with_shardings(init_fn, rng, state_shardings)
-      loaded = ckpt.restore_params_from(config.init_from, abstract)
-      state = state.replace(params=loaded.params, codebook=loaded.codebook)
-      logging.info("Initialised params and codebook from %s", config.init_from)
+      state = init_from(config.init_from, state, abstract_with_shardings(
+          init_fn, rng, state_shardings))
   return mesh, model, tx, schedule, state, state_shardings, train_iter, manager
 
 
@@ -203,10 +223,18 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
 
 def run_evaluation(config, workdir, model, state, mesh, writer) -> dict:
   step = int(jax.device_get(state.step))
+  lpips_params = None
+  if config.eval.get("lpips", True):
+    from dq.losses import lpips
+    try:
+      lpips_params = lpips.load_lpips_params(config.loss.get("lpips_weights") or None)
+    except FileNotFoundError as e:
+      logging.warning("Evaluating without LPIPS: %s", e)
   results = vae_eval.evaluate_vae(
       model, {"params": state.params, "codebook": state.codebook}, config.data, mesh=mesh,
       batch_size=config.eval.batch_size, num_grains=config.model.num_grains,
-      codebook_size=config.model.codebook_size, max_images=config.eval.get("max_images"))
+      codebook_size=config.model.codebook_size, max_images=config.eval.get("max_images"),
+      lpips_params=lpips_params)
   vae_eval.write_results(workdir, "reconstruction", step, results)
   writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()
                               if isinstance(v, (int, float))})
@@ -227,7 +255,7 @@ def evaluate(config: Any, workdir: str) -> dict:
   if manager.latest_step() is not None:
     state, _ = ckpt.restore(manager, abstract, None)
   elif config.get("init_from"):
-    state = ckpt.restore_params_from(config.init_from, abstract)
+    state = init_from(config.init_from, jax.jit(init_fn, out_shardings=shardings)(rng), abstract)
   else:
     raise FileNotFoundError(f"evaluate: no checkpoint in {workdir}/checkpoints and no "
                             "config.init_from; train first or set --config.init_from=DIR")
