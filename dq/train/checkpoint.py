@@ -49,8 +49,9 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any 
   return restored["state"], step
 
 
-def restore_params_from(path: str, abstract_state: Any) -> Any:
-  """Loads a state from a checkpoint folder (`.../checkpoints` or `.../checkpoints/<step>`)."""
+def restore_params_from(path: str) -> dict:
+  """The saved state as a dict of host arrays, from a workdir, `.../checkpoints` or
+  `.../checkpoints/<step>` (any other fields, e.g. optimizer or discriminator, may differ)."""
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"config.init_from: {path} does not exist")
@@ -64,7 +65,7 @@ def restore_params_from(path: str, abstract_state: Any) -> Any:
     if step is None:
       raise FileNotFoundError(f"config.init_from: no checkpoint under {path}")
     state_dir = os.path.join(path, str(step), "state")
-  return ocp.StandardCheckpointer().restore(state_dir, abstract_state)
+  return ocp.StandardCheckpointer().restore(state_dir)
 
 
 def _has_item(manager, step, name) -> bool:

@@ -107,16 +107,21 @@ def make_perceptual(config: Any):
   return (lambda frozen, x, y: net.apply({"params": frozen["lpips"]}, x, y)), {"lpips": params}
 
 
-def init_from(path: str, state: TrainState, abstract: TrainState) -> TrainState:
+def init_from(path: str, state: TrainState, abstract: TrainState,
+              keep_step: bool = False) -> TrainState:
   """Params + EMA codebook from a dq workdir/checkpoint, or from a folder written by
-  `python -m dq.tools.convert_official_dqvae` (official PyTorch weights)."""
+  `python -m dq.tools.convert_official_dqvae` (official PyTorch weights). With `keep_step`,
+  the step is the checkpoint's (for evaluation); otherwise training starts at 0."""
+  step = state.step
   if os.path.isfile(os.path.join(path, "params.npz")):
     from dq.tools.convert_official_dqvae import load_converted
     variables, _ = load_converted(path)
     loaded = {"params": variables["params"], "codebook": variables["codebook"]}
   else:
-    restored = ckpt.restore_params_from(path, abstract)
-    loaded = {"params": restored.params, "codebook": restored.codebook}
+    restored = ckpt.restore_params_from(path)
+    loaded = {"params": restored["params"], "codebook": restored["codebook"]}
+    if keep_step:
+      step = jnp.asarray(restored["step"], jnp.int32)
   expected = {"params": abstract.params, "codebook": abstract.codebook}
   if jax.tree.structure(loaded) != jax.tree.structure(expected) or any(
       np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected))):
@@ -126,7 +131,7 @@ def init_from(path: str, state: TrainState, abstract: TrainState) -> TrainState:
   loaded = jax.tree.map(lambda a, b: jax.device_put(np.asarray(a, b.dtype), b.sharding),
                         loaded, expected)
   logging.info("Initialised params and codebook from %s", path)
-  return state.replace(params=loaded["params"], codebook=loaded["codebook"])
+  return state.replace(params=loaded["params"], codebook=loaded["codebook"], step=step)
 
 
 def check_batch_size(batch_size: int, mesh, field: str) -> int:
@@ -252,13 +257,13 @@ def evaluate(config: Any, workdir: str) -> dict:
   shardings = jax.tree.map(lambda _: repl, jax.eval_shape(init_fn, rng))
   abstract = abstract_with_shardings(init_fn, rng, shardings)
   manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints)
-  if manager.latest_step() is not None:
-    state, _ = ckpt.restore(manager, abstract, None)
-  elif config.get("init_from"):
-    state = init_from(config.init_from, jax.jit(init_fn, out_shardings=shardings)(rng), abstract)
-  else:
+  source = workdir if manager.latest_step() is not None else config.get("init_from")
+  if not source:
     raise FileNotFoundError(f"evaluate: no checkpoint in {workdir}/checkpoints and no "
                             "config.init_from; train first or set --config.init_from=DIR")
+  # Only params + codebook are needed: optimizer or discriminator fields may differ.
+  state = init_from(source, jax.jit(init_fn, out_shardings=shardings)(rng), abstract,
+                    keep_step=True)
   writer = create_writer(workdir, tensorboard=config.train.get("tensorboard", True))
   results = run_evaluation(config, workdir, model, state, mesh, writer)
   writer.flush()
