@@ -43,10 +43,10 @@ class JsonlWriter:
       json.dump({k: str(v) for k, v in hparams.items()}, f, indent=1)
 
   def flush(self):
-    pass
+    """Nothing is buffered: every write goes straight to its file or the log."""
 
   def close(self):
-    pass
+    """No open handles to close."""
 
 
 class ConsoleWriter:
@@ -66,10 +66,10 @@ class ConsoleWriter:
     del hparams
 
   def flush(self):
-    pass
+    """Nothing is buffered: every write goes straight to its file or the log."""
 
   def close(self):
-    pass
+    """No open handles to close."""
 
 
 class MultiWriter:
