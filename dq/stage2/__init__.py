@@ -7,6 +7,7 @@ from dq.stage2.tokens import (
     unpack_tokens,
     unpack_tokens_jax,
 )
+from dq.stage2.transformer import StackedTransformer, stackgpt_losses
 
 __all__ = [
     "TokenLayout",
@@ -15,4 +16,6 @@ __all__ = [
     "pack_tokens_jax",
     "unpack_tokens",
     "unpack_tokens_jax",
+    "StackedTransformer",
+    "stackgpt_losses",
 ]
