@@ -104,11 +104,11 @@ def test_train_and_eval_splits_are_disjoint():
   assert not train_images & {eval_[i]["image"].tobytes() for i in range(32)}
 
 
-@pytest.mark.parametrize("prefetch_buffer", [0, 2])
-def test_iterator_state_round_trip(prefetch_buffer):
-  cfg = embedded_config(train_size=20)
-  cfg.prefetch_buffer = prefetch_buffer
-  make = lambda: pipeline.make_dataset(cfg, split="train", batch_size=3, seed=1, train=True)
+def assert_resumes_exactly(cfg, *, batch_size, seed):
+  """3 batches, save the iterator state, 2 more; a fresh iterator restored from the state
+  yields the same 2 batches."""
+  make = lambda: pipeline.make_dataset(cfg, split="train", batch_size=batch_size, seed=seed,  # noqa: E731
+                                       train=True)
   iterator = iter(make())
   take(iterator, 3)
   state = iterator.get_state()
@@ -116,6 +116,13 @@ def test_iterator_state_round_trip(prefetch_buffer):
   fresh = iter(make())
   fresh.set_state(state)
   assert_batches_equal(take(fresh, 2), expected)
+
+
+@pytest.mark.parametrize("prefetch_buffer", [0, 2])
+def test_iterator_state_round_trip(prefetch_buffer):
+  cfg = embedded_config(train_size=20)
+  cfg.prefetch_buffer = prefetch_buffer
+  assert_resumes_exactly(cfg, batch_size=3, seed=1)
 
 
 def test_iterator_state_round_trip_with_skipped_files(tmp_path):
@@ -125,14 +132,7 @@ def test_iterator_state_round_trip_with_skipped_files(tmp_path):
   cfg = config.default_data_config()
   cfg.name, cfg.image_size = "folder", 8
   cfg.folder.train_path = cfg.folder.eval_path = str(tmp_path)
-  make = lambda: pipeline.make_dataset(cfg, split="train", batch_size=4, seed=3, train=True)
-  iterator = iter(make())
-  take(iterator, 3)
-  state = iterator.get_state()
-  expected = take(iterator, 2)
-  fresh = iter(make())
-  fresh.set_state(state)
-  assert_batches_equal(take(fresh, 2), expected)
+  assert_resumes_exactly(cfg, batch_size=4, seed=3)
 
 
 def test_shards_are_disjoint_and_cover():
