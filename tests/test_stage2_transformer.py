@@ -98,12 +98,12 @@ def test_causality_and_shapes():
 
 def test_causal_attention_matches_numpy():
   rng = np.random.default_rng(2)
-  query, key, value = (rng.normal(size=(2, 3, 5, 4)).astype(np.float32) for _ in range(3))
-  scores = np.einsum("bhqd,bhkd->bhqk", query, key) / 2.0
+  query, key, value = (rng.normal(size=(2, 5, 3, 4)).astype(np.float32) for _ in range(3))
+  scores = np.einsum("bqhd,bkhd->bhqk", query, key) / 2.0
   scores = np.where(np.tril(np.ones((5, 5), bool)), scores, -np.inf)
   weights = np.exp(scores - scores.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
-  expected = np.einsum("bhqk,bhkd->bhqd", weights, value)
+  expected = np.einsum("bhqk,bkhd->bqhd", weights, value)
   np.testing.assert_allclose(causal_attention(query, key, value), expected, atol=1e-5)
 
 
@@ -129,3 +129,62 @@ def test_rejects_sequence_longer_than_block_size(official):
   model = _official_model().clone(block_size=32)
   with pytest.raises(ValueError, match="joint sequence length 68 exceeds block_size=32"):
     model.init(jax.random.PRNGKey(0), *_inputs(official))
+
+
+def _equal_count_batch(seed: int = 0):
+  """Codes/grain (4x4 coarse, 8x8 fine, K=64) where every image has 5 fine regions."""
+  rng = np.random.default_rng(seed)
+  grain = np.zeros((3, 16), np.int64)
+  for row in grain:
+    row[rng.choice(16, 5, replace=False)] = 1
+  grain = grain.reshape(3, 4, 4)
+  codes = rng.integers(0, 64, (3, 8, 8))
+  coarse_codes = np.repeat(np.repeat(codes[:, ::2, ::2], 2, 1), 2, 2)
+  codes = np.where(np.repeat(np.repeat(grain, 2, 1), 2, 2) == 1, codes, coarse_codes)
+  return codes, grain
+
+
+def test_packed_forward_and_losses_match_official_assembly(official):
+  """Without pads between the coarse and fine parts, both assemblies are the same sequence."""
+  from dq.stage2.tokens import TokenLayout, official_permuter_order, pack_tokens
+  from dq.stage2.transformer import packed_losses
+  layout = TokenLayout(coarse_size=4, fine_size=8, codebook_size=64)
+  codes, grain = _equal_count_batch()
+  perm = official_permuter_order(codes, grain, layout)
+  inputs = [np.concatenate([np.full((3, 1), sos), perm[name]], axis=1) for name, sos in (
+      ("coarse_content", 66), ("fine_content", 66), ("coarse_position", 18),
+      ("fine_position", 66), ("coarse_segment", 0), ("fine_segment", 1))]
+  packed = pack_tokens(codes, grain, layout)
+  length = inputs[0].shape[1] + inputs[1].shape[1]
+  assert packed["valid"][:, :length].all() and not packed["valid"][:, length:].any()
+  model = _official_model()
+  params = {"params": convert_stackgpt_state_dict(_state_dict(official))}
+  position_logits, content_logits = model.apply(params, *[jnp.asarray(x) for x in inputs])
+  packed_position, packed_content = model.apply(
+      params, *(jnp.asarray(packed[k][:, :length]) for k in ("content", "position", "segment")),
+      method="forward_packed")
+  np.testing.assert_allclose(packed_position, position_logits, atol=1e-5)
+  np.testing.assert_allclose(packed_content, content_logits, atol=1e-5)
+
+  content = np.concatenate([inputs[0], inputs[1]], axis=1)
+  reference = stackgpt_losses(position_logits, content_logits, jnp.asarray(content[:, 1:]),
+                              jnp.asarray(inputs[2][:, 1:]), jnp.asarray(inputs[3]),
+                              content_pad=64, coarse_position_pad=16, fine_position_pad=64)
+  full_position, full_content = model.apply(
+      params, *(jnp.asarray(packed[k]) for k in ("content", "position", "segment")),
+      method="forward_packed")
+  losses = packed_losses(full_position, full_content, {k: jnp.asarray(v) for k, v in
+                                                       packed.items()})
+  for name, value in reference.items():
+    np.testing.assert_allclose(losses[name], value, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("implementation", [None, "xla"])
+def test_attention_implementations_agree(implementation):
+  rng = np.random.default_rng(4)
+  query, key, value = (jnp.asarray(rng.normal(size=(2, 7, 3, 8)), jnp.float32) for _ in range(3))
+  plain = causal_attention(query, key, value)
+  np.testing.assert_allclose(causal_attention(query, key, value, implementation), plain,
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="attention implementation"):
+    causal_attention(query, key, value, "flash")

@@ -7,7 +7,8 @@ from dq.stage2.tokens import (
     unpack_tokens,
     unpack_tokens_jax,
 )
-from dq.stage2.transformer import StackedTransformer, stackgpt_losses
+from dq.stage2.sampler import SamplingConfig, make_sampler, sampling_config_from
+from dq.stage2.transformer import StackedTransformer, init_cache, packed_losses, stackgpt_losses
 
 __all__ = [
     "TokenLayout",
@@ -16,6 +17,11 @@ __all__ = [
     "pack_tokens_jax",
     "unpack_tokens",
     "unpack_tokens_jax",
+    "SamplingConfig",
     "StackedTransformer",
+    "init_cache",
+    "make_sampler",
+    "packed_losses",
+    "sampling_config_from",
     "stackgpt_losses",
 ]

@@ -1,22 +1,29 @@
-"""Stacked position/content GPT (the official `StackGPT`), in flax.linen.
+"""Stacked position/content GPT (the official `StackGPT`), in flax.linen, with KV-cached decoding.
 
-Inputs mirror the official Dualformer assembly: a coarse part (sos, coarse tokens, eos, pads)
-of length Lc and a fine part (fine sos, fine tokens, eos, pads) of length Lf, for content,
-position and segment ids. The joint sequence has T = Lc + Lf - 1 steps:
+Three ways to run the same parameters:
 
-  position stream at step t:  content_emb(content[t]) + pos_table(position[t])
-                              + pos_emb[t] + seg_emb(segment[t])
-  content stream at step t:   position-stream hidden h[t] + pos_table(position[t + 1])
+- `__call__`: the official Dualformer assembly (parity with PyTorch). A coarse part (sos, coarse
+  tokens, eos, pads) of length Lc and a fine part (fine sos, fine tokens, eos, pads) of length
+  Lf; the joint sequence has T = Lc + Lf - 1 steps and the coarse pads sit in its middle.
+- `forward_packed`: one left-packed sequence from `pack_tokens` ([B, L]; no pads in the middle),
+  T = L - 1 steps. This is what dq trains.
+- `position_step` / `content_step`: one token per stack with a KV cache (`init_cache`), for the
+  sampler.
 
-where `pos_table` is the coarse position table for coarse positions and the fine one for fine
-positions. The position head reads h (predicts position[t + 1]); the content head reads the
-content stack's output (predicts content[t + 1]). Attention is causal only: pads in the middle
-of the joint sequence are attended to, exactly as in the official code.
+In every mode, at step t:
+
+  position stream:  content_emb(content[t]) + pos_table[segment[t]](position[t])
+                    + pos_emb[t] + seg_emb(segment[t])          -> position stack -> h[t]
+  content stream:   h[t] + pos_table[segment[t + 1]](position[t + 1]) -> content stack
+
+The position head reads h[t] (predicts position[t + 1]); the content head reads the content
+stack's output (predicts content[t + 1]). `pos_table` is the coarse position table for coarse
+tokens and the fine one for fine tokens. Attention is causal only.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -24,28 +31,42 @@ import jax.numpy as jnp
 import optax
 
 LAYER_NORM_EPS = 1e-5
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+KVCache = list[dict[str, jax.Array]]  # per layer: key, value [B, L, H, D]
+
+
+def attention(query: jax.Array, key: jax.Array, value: jax.Array,
+              allowed: jax.Array) -> jax.Array:
+  """Scaled dot-product attention in float32 softmax.
+
+  Args:
+    query: [B, Q, H, D]; key, value: [B, K, H, D].
+    allowed: boolean, broadcastable to [B, H, Q, K] (True = may attend).
+
+  Returns:
+    [B, Q, H, D].
+  """
+  scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
+  scores = jnp.where(allowed, scores / math.sqrt(query.shape[-1]), jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)  # [B, H, Q, K]
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
 def causal_attention(query: jax.Array, key: jax.Array, value: jax.Array,
-                     mask: Optional[jax.Array] = None) -> jax.Array:
-  """Scaled dot-product attention with a causal mask.
+                     implementation: Optional[str] = None) -> jax.Array:
+  """Causal self-attention over [B, T, H, D] arrays.
 
-  Args:
-    query, key, value: [B, H, T, D].
-    mask: optional boolean mask broadcastable to [B, H, T, T] (True = may attend), combined
-      with the causal mask.
-
-  Returns:
-    [B, H, T, D].
+  `implementation=None` is the plain XLA einsum/softmax; 'xla' or 'cudnn' route through
+  `jax.nn.dot_product_attention` (cudnn = the fused flash kernel on NVIDIA GPUs).
   """
-  steps = query.shape[-2]
-  scores = jnp.einsum("bhqd,bhkd->bhqk", query, key) / math.sqrt(query.shape[-1])  # [B, H, T, T]
-  allowed = jnp.tril(jnp.ones((steps, steps), dtype=bool))  # [T, T]
-  if mask is not None:
-    allowed = allowed & mask
-  scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
-  weights = jax.nn.softmax(scores, axis=-1)
-  return jnp.einsum("bhqk,bhkd->bhqd", weights, value)
+  if implementation is None:
+    steps = query.shape[1]
+    return attention(query, key, value, jnp.tril(jnp.ones((steps, steps), dtype=bool)))
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation must be None or one of "
+                     f"{ATTENTION_IMPLEMENTATIONS}; got {implementation!r}")
+  return jax.nn.dot_product_attention(query, key, value, is_causal=True,
+                                      implementation=implementation)
 
 
 class CausalSelfAttention(nn.Module):
@@ -53,22 +74,42 @@ class CausalSelfAttention(nn.Module):
   n_head: int
   n_embd: int
   dropout: float = 0.0
+  implementation: Optional[str] = None
+  dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+  def setup(self):
     if self.n_embd % self.n_head:
       raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+    dense = lambda name: nn.Dense(self.n_embd, dtype=self.dtype, name=name)
+    self.query, self.key, self.value, self.proj = (dense(n) for n in ("query", "key", "value",
+                                                                       "proj"))
+    self.drop = nn.Dropout(self.dropout)
+
+  def _heads(self, layer: nn.Module, x: jax.Array) -> jax.Array:
     batch, steps, _ = x.shape
-    head_dim = self.n_embd // self.n_head
+    return layer(x).reshape(batch, steps, self.n_head, self.n_embd // self.n_head)
 
-    def heads(name: str) -> jax.Array:
-      projected = nn.Dense(self.n_embd, name=name)(x)  # [B, T, C]
-      return projected.reshape(batch, steps, self.n_head, head_dim).transpose(0, 2, 1, 3)
+  def _project(self, attended: jax.Array, deterministic: bool) -> jax.Array:
+    batch, steps = attended.shape[:2]
+    out = self.proj(attended.reshape(batch, steps, self.n_embd))  # [B, T, C]
+    return self.drop(out, deterministic=deterministic)
 
-    attended = causal_attention(heads("query"), heads("key"), heads("value"))  # [B, H, T, D]
-    attended = attended.transpose(0, 2, 1, 3).reshape(batch, steps, self.n_embd)  # [B, T, C]
-    out = nn.Dense(self.n_embd, name="proj")(attended)
-    return nn.Dropout(self.dropout)(out, deterministic=deterministic)
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    """Full causal pass over x [B, T, C]."""
+    attended = causal_attention(self._heads(self.query, x), self._heads(self.key, x),
+                                self._heads(self.value, x), self.implementation)  # [B, T, H, D]
+    return self._project(attended, deterministic)
+
+  def decode(self, x: jax.Array, cache: dict[str, jax.Array],
+             index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One token x [B, 1, C] at sequence index `index` (scalar) against the KV cache."""
+    key = jax.lax.dynamic_update_slice_in_dim(cache["key"], self._heads(self.key, x).astype(
+        cache["key"].dtype), index, axis=1)  # [B, L, H, D]
+    value = jax.lax.dynamic_update_slice_in_dim(cache["value"], self._heads(self.value, x).astype(
+        cache["value"].dtype), index, axis=1)
+    allowed = (jnp.arange(key.shape[1]) <= index)[None, None, None, :]  # [1, 1, 1, L]
+    attended = attention(self._heads(self.query, x), key, value, allowed)  # [B, 1, H, D]
+    return self._project(attended, True), {"key": key, "value": value}
 
 
 class Block(nn.Module):
@@ -76,25 +117,43 @@ class Block(nn.Module):
   n_head: int
   n_embd: int
   dropout: float = 0.0
+  implementation: Optional[str] = None
+  dtype: Any = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    self.ln1 = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="ln1")
+    self.attn = CausalSelfAttention(self.n_head, self.n_embd, self.dropout, self.implementation,
+                                    self.dtype, name="attn")
+    self.ln2 = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="ln2")
+    self.mlp_fc = nn.Dense(4 * self.n_embd, dtype=self.dtype, name="mlp_fc")
+    self.mlp_proj = nn.Dense(self.n_embd, dtype=self.dtype, name="mlp_proj")
+    self.drop = nn.Dropout(self.dropout)
+
+  def _mlp(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    hidden = nn.gelu(self.mlp_fc(self.ln2(x)), approximate=False)
+    return x + self.drop(self.mlp_proj(hidden), deterministic=deterministic)
+
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-    x = x + CausalSelfAttention(self.n_head, self.n_embd, self.dropout, name="attn")(
-        nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="ln1")(x), deterministic)  # [B, T, C]
-    hidden = nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="ln2")(x)
-    hidden = nn.gelu(nn.Dense(4 * self.n_embd, name="mlp_fc")(hidden), approximate=False)
-    hidden = nn.Dense(self.n_embd, name="mlp_proj")(hidden)  # [B, T, C]
-    return x + nn.Dropout(self.dropout)(hidden, deterministic=deterministic)
+    x = x + self.attn(self.ln1(x), deterministic)  # [B, T, C]
+    return self._mlp(x, deterministic)
+
+  def decode(self, x: jax.Array, cache: dict[str, jax.Array],
+             index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One token x [B, 1, C]; returns the block output and the updated cache."""
+    attended, cache = self.attn.decode(self.ln1(x), cache, index)
+    return self._mlp(x + attended, True), cache
 
 
 class Head(nn.Module):
-  """LayerNorm then a bias-free Linear to `num_outputs` logits."""
+  """LayerNorm then a bias-free Linear to `num_outputs` logits (float32)."""
   num_outputs: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, name="ln")(x)
-    return nn.Dense(self.num_outputs, use_bias=False, name="linear")(x)
+    x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="ln")(x)
+    logits = nn.Dense(self.num_outputs, use_bias=False, dtype=self.dtype, name="linear")(x)
+    return logits.astype(jnp.float32)
 
 
 class StackedTransformer(nn.Module):
@@ -105,10 +164,12 @@ class StackedTransformer(nn.Module):
     coarse_position_size: coarse position ids (cells + pad/eos/sos).
     fine_position_size: fine position ids; also the position head's output size.
     segment_size: number of segments (2: coarse, fine).
-    block_size: maximum joint sequence length T.
+    block_size: maximum sequence length T.
     position_layers, content_layers: depth of each stack.
     n_head, n_embd: attention heads and width.
     dropout: embedding, attention-output and residual dropout rate.
+    attention_impl: None (plain XLA), 'xla' or 'cudnn' (see `causal_attention`).
+    dtype: compute dtype (params stay float32; logits are float32).
   """
   vocab_size: int
   coarse_position_size: int
@@ -120,13 +181,51 @@ class StackedTransformer(nn.Module):
   n_head: int
   n_embd: int
   dropout: float = 0.0
+  attention_impl: Optional[str] = None
+  dtype: Any = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    embed = lambda size, name: nn.Embed(size, self.n_embd, dtype=self.dtype, name=name)
+    self.content_emb = embed(self.vocab_size, "content_emb")
+    self.coarse_pos_emb = embed(self.coarse_position_size, "content_coarse_pos_emb")
+    self.fine_pos_emb = embed(self.fine_position_size, "content_fine_pos_emb")
+    self.seg_emb = embed(self.segment_size, "seg_emb")
+    self.pos_emb = self.param("pos_emb", nn.initializers.zeros, (1, self.block_size, self.n_embd))
+    block = lambda name: Block(self.n_head, self.n_embd, self.dropout, self.attention_impl,
+                               self.dtype, name=name)
+    self.position_blocks = [block(f"position_block_{i}") for i in range(self.position_layers)]
+    self.content_blocks = [block(f"content_block_{i}") for i in range(self.content_layers)]
+    self.position_head = Head(self.fine_position_size, self.dtype, name="position_head")
+    self.content_head = Head(self.vocab_size, self.dtype, name="content_head")
+    self.drop = nn.Dropout(self.dropout)
+
+  def _position_embedding(self, position: jax.Array, segment: jax.Array) -> jax.Array:
+    """Coarse table where segment == 0, fine table elsewhere: [..., C]."""
+    coarse = self.coarse_pos_emb(jnp.clip(position, 0, self.coarse_position_size - 1))
+    fine = self.fine_pos_emb(jnp.clip(position, 0, self.fine_position_size - 1))
+    return jnp.where((segment == 0)[..., None], coarse, fine)
+
+  def _stacks(self, x: jax.Array, position_next: jax.Array,
+              deterministic: bool) -> tuple[jax.Array, jax.Array]:
+    """Position-stream input x [B, T, C] -> (position logits, content logits)."""
+    x = self.drop(x, deterministic=deterministic)
+    for block in self.position_blocks:
+      x = block(x, deterministic)
+    position_logits = self.position_head(x)  # [B, T, P]
+    x = x + position_next  # [B, T, C]
+    for block in self.content_blocks:
+      x = block(x, deterministic)
+    return position_logits, self.content_head(x)  # [B, T, V]
+
+  def _check_steps(self, steps: int) -> None:
+    if steps > self.block_size:
+      raise ValueError(f"joint sequence length {steps} exceeds block_size={self.block_size}")
+
   def __call__(self, coarse_content: jax.Array, fine_content: jax.Array,
                coarse_position: jax.Array, fine_position: jax.Array,
                coarse_segment: jax.Array, fine_segment: jax.Array,
                deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-    """Runs both stacks.
+    """Runs both stacks on the official split inputs.
 
     Args:
       coarse_content, coarse_position, coarse_segment: [B, Lc] (sos first).
@@ -149,45 +248,119 @@ class StackedTransformer(nn.Module):
       raise ValueError(f"coarse batch {coarse_content.shape[0]} != fine batch "
                        f"{fine_content.shape[0]}")
     steps = coarse_content.shape[1] + fine_content.shape[1] - 1
-    if steps > self.block_size:
-      raise ValueError(f"joint sequence length {steps} exceeds block_size={self.block_size}")
-
-    content_emb = nn.Embed(self.vocab_size, self.n_embd, name="content_emb")
-    coarse_pos_emb = nn.Embed(self.coarse_position_size, self.n_embd,
-                              name="content_coarse_pos_emb")
-    fine_pos_emb = nn.Embed(self.fine_position_size, self.n_embd, name="content_fine_pos_emb")
-    seg_emb = nn.Embed(self.segment_size, self.n_embd, name="seg_emb")
-    pos_emb = self.param("pos_emb", nn.initializers.zeros, (1, self.block_size, self.n_embd))
-
+    self._check_steps(steps)
     content = jnp.concatenate([coarse_content, fine_content], axis=1)[:, :-1]  # [B, T]
     segment = jnp.concatenate([coarse_segment, fine_segment], axis=1)[:, :-1]  # [B, T]
     position_now = jnp.concatenate(
-        [coarse_pos_emb(coarse_position), fine_pos_emb(fine_position[:, :-1])], axis=1)
-    x = content_emb(content) + position_now + pos_emb[:, :steps] + seg_emb(segment)  # [B, T, C]
-    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-
-    for i in range(self.position_layers):
-      x = Block(self.n_head, self.n_embd, self.dropout, name=f"position_block_{i}")(
-          x, deterministic)
-    position_logits = Head(self.fine_position_size, name="position_head")(x)  # [B, T, P]
-
+        [self.coarse_pos_emb(coarse_position), self.fine_pos_emb(fine_position[:, :-1])], axis=1)
+    x = (self.content_emb(content) + position_now + self.pos_emb[:, :steps].astype(self.dtype)
+         + self.seg_emb(segment))  # [B, T, C]
     position_next = jnp.concatenate(
-        [coarse_pos_emb(coarse_position[:, 1:]), fine_pos_emb(fine_position)], axis=1)
-    x = x + position_next  # [B, T, C]
-    for i in range(self.content_layers):
-      x = Block(self.n_head, self.n_embd, self.dropout, name=f"content_block_{i}")(
-          x, deterministic)
-    content_logits = Head(self.vocab_size, name="content_head")(x)  # [B, T, V]
-    return position_logits, content_logits
+        [self.coarse_pos_emb(coarse_position[:, 1:]), self.fine_pos_emb(fine_position)], axis=1)
+    return self._stacks(x, position_next, deterministic)
+
+  def forward_packed(self, content: jax.Array, position: jax.Array, segment: jax.Array,
+                     deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Runs both stacks on packed sequences [B, L] (see `pack_tokens`).
+
+    Returns position_logits [B, L - 1, P] and content_logits [B, L - 1, V]; step t predicts
+    token t + 1.
+    """
+    if not content.shape == position.shape == segment.shape or content.ndim != 2:
+      raise ValueError(f"forward_packed inputs must share one [B, L] shape; got content "
+                       f"{content.shape}, position {position.shape}, segment {segment.shape}")
+    steps = content.shape[1] - 1
+    self._check_steps(steps)
+    x = (self.content_emb(content[:, :-1])
+         + self._position_embedding(position[:, :-1], segment[:, :-1])
+         + self.pos_emb[:, :steps].astype(self.dtype) + self.seg_emb(segment[:, :-1]))
+    position_next = self._position_embedding(position[:, 1:], segment[:, 1:])  # [B, T, C]
+    return self._stacks(x, position_next, deterministic)
+
+  def position_step(self, content: jax.Array, position: jax.Array, segment: jax.Array,
+                    index: jax.Array, cache: KVCache) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Feeds token `index` (content/position/segment [B]) through the position stack.
+
+    Returns its hidden state [B, C], the next-position logits [B, P] and the updated cache.
+    """
+    pos_emb = jax.lax.dynamic_slice_in_dim(self.pos_emb[0], index, 1, axis=0)  # [1, C]
+    x = (self.content_emb(content) + self._position_embedding(position, segment)
+         + pos_emb.astype(self.dtype) + self.seg_emb(segment))[:, None, :]  # [B, 1, C]
+    new_cache = []
+    for block, layer_cache in zip(self.position_blocks, cache):
+      x, layer_cache = block.decode(x, layer_cache, index)
+      new_cache.append(layer_cache)
+    return x[:, 0], self.position_head(x)[:, 0], new_cache
+
+  def content_step(self, hidden: jax.Array, next_position: jax.Array, next_segment: jax.Array,
+                   index: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Feeds step `index` through the content stack, given the chosen next position [B].
+
+    Returns the next-content logits [B, V] and the updated cache.
+    """
+    x = (hidden + self._position_embedding(next_position, next_segment))[:, None, :]
+    new_cache = []
+    for block, layer_cache in zip(self.content_blocks, cache):
+      x, layer_cache = block.decode(x, layer_cache, index)
+      new_cache.append(layer_cache)
+    return self.content_head(x)[:, 0], new_cache
+
+
+
+def init_cache(model: StackedTransformer, batch: int, length: int,
+               dtype: Any = None) -> dict[str, KVCache]:
+  """Zero KV caches {'position': [...], 'content': [...]} of `model` for `length` steps."""
+  if length > model.block_size:
+    raise ValueError(f"cache length {length} exceeds block_size={model.block_size}")
+  shape = (batch, length, model.n_head, model.n_embd // model.n_head)
+  layer = lambda: {"key": jnp.zeros(shape, dtype or model.dtype),
+                   "value": jnp.zeros(shape, dtype or model.dtype)}
+  return {"position": [layer() for _ in range(model.position_layers)],
+          "content": [layer() for _ in range(model.content_layers)]}
+
+
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array, keep: jax.Array) -> jax.Array:
+  """Mean cross-entropy over the tokens where `keep` (0 if there are none).
+
+  Args:
+    logits: [..., N]; targets, keep: [...].
+  """
+  safe_targets = jnp.where(keep, targets, 0)
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), safe_targets)
+  return jnp.sum(jnp.where(keep, losses, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
 
 
 def _masked_cross_entropy(logits: jax.Array, targets: jax.Array, ignore_id: int) -> jax.Array:
-  """Mean cross-entropy over the tokens whose target is not `ignore_id` (0 if there are none)."""
-  keep = targets != ignore_id  # [B, L]
-  safe_targets = jnp.where(keep, targets, 0)
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), safe_targets)  # [B, L]
-  return jnp.sum(jnp.where(keep, losses, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+  return masked_cross_entropy(logits, targets, targets != ignore_id)
+
+
+def packed_losses(position_logits: jax.Array, content_logits: jax.Array,
+                  packed: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """StackGPT losses on packed sequences (`forward_packed` outputs).
+
+  Step t predicts token t + 1; targets beyond each sequence's end (valid False) are ignored.
+  Coarse-position targets are the next tokens with segment 0, fine-position targets those with
+  segment 1 (the fine SOS included, as in the official loss).
+
+  Args:
+    position_logits, content_logits: [B, L - 1, P] and [B, L - 1, V].
+    packed: content, position, segment [B, L] int and valid [B, L] bool.
+
+  Returns:
+    content_loss, coarse_position_loss, fine_position_loss, position_loss (their mean).
+  """
+  keep = packed["valid"][:, 1:]  # [B, T]
+  next_segment = packed["segment"][:, 1:]
+  next_position = packed["position"][:, 1:]
+  coarse_loss = masked_cross_entropy(position_logits, next_position, keep & (next_segment == 0))
+  fine_loss = masked_cross_entropy(position_logits, next_position, keep & (next_segment == 1))
+  return {
+      "content_loss": masked_cross_entropy(content_logits, packed["content"][:, 1:], keep),
+      "coarse_position_loss": coarse_loss,
+      "fine_position_loss": fine_loss,
+      "position_loss": (coarse_loss + fine_loss) / 2,
+  }
 
 
 def stackgpt_losses(position_logits: jax.Array, content_logits: jax.Array,
