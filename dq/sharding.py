@@ -2,30 +2,42 @@
 
 `jax.jit` with `in_shardings`/`out_shardings` over a `jax.sharding.Mesh` is what used to be
 called pjit (pjit is deprecated and is the same machinery). This module builds the mesh from
-config and the shardings the trainers use. Today: data parallel over all devices, parameters
-replicated; the `fsdp` axis is in place for parameter sharding.
+config and the shardings the trainers use:
+
+- mesh axes `data`, `fsdp` and `tensor` (sizes from `config.mesh`, -1 = the remaining devices);
+- the batch is split over data x fsdp;
+- parameters and optimizer state follow `config.sharding`: regex rules first (first match wins,
+  searched in the '/'-joined path, so a rule for `.*/kernel` also covers the optimizer's moments
+  of that kernel), then FSDP for arrays of at least `fsdp_min_size` elements (their largest
+  dimension divisible by the fsdp size is split), else replicated.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+import re
+from typing import Any, Iterable, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor")
+DEFAULT_FSDP_MIN_SIZE = 2**18
 
 
 def make_mesh(mesh_cfg: Any = None, devices: list | None = None) -> Mesh:
-  """Mesh with axes ('data', 'fsdp'); a size of -1 takes the remaining devices."""
+  """Mesh with axes ('data', 'fsdp', 'tensor'); a size of -1 takes the remaining devices."""
   devices = list(jax.devices() if devices is None else devices)
-  sizes = {"data": -1, "fsdp": 1}
+  sizes = {"data": -1, "fsdp": 1, "tensor": 1}
   if mesh_cfg is not None:
     sizes.update({k: int(v) for k, v in dict(mesh_cfg).items()})
-  unknown = set(sizes) - set(BATCH_AXES)
+  unknown = set(sizes) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f"config.mesh: unknown axes {sorted(unknown)}; expected {BATCH_AXES}")
+    raise ValueError(f"config.mesh: unknown axes {sorted(unknown)}; expected {MESH_AXES}")
+  bad = {k: v for k, v in sizes.items() if v < 1 and v != -1}
+  if bad:
+    raise ValueError(f"config.mesh: sizes must be >= 1 or -1 (the rest); got {bad}")
   known = math.prod(v for v in sizes.values() if v != -1)
   free = [k for k, v in sizes.items() if v == -1]
   if len(free) > 1:
@@ -37,8 +49,8 @@ def make_mesh(mesh_cfg: Any = None, devices: list | None = None) -> Mesh:
   if math.prod(sizes.values()) != len(devices):
     raise ValueError(f"config.mesh {sizes} needs {math.prod(sizes.values())} devices, "
                      f"have {len(devices)}")
-  grid = np.asarray(devices).reshape([sizes[a] for a in BATCH_AXES])
-  return Mesh(grid, BATCH_AXES)
+  grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+  return Mesh(grid, MESH_AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -64,3 +76,82 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
   return jax.tree.map(put, batch)
+
+
+def _path_string(path: Sequence[Any]) -> str:
+  """'/'-joined names of a tree path (dict keys, attribute names, sequence indices)."""
+  names = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        names.append(str(getattr(entry, attr)))
+        break
+    else:
+      names.append(str(entry))
+  return "/".join(names)
+
+
+def _check_rule(pattern: str, spec: Sequence[Any], mesh: Mesh) -> None:
+  for axis in spec:
+    for name in (axis if isinstance(axis, (tuple, list)) else (axis,)):
+      if name is not None and name not in mesh.axis_names:
+        raise ValueError(f"config.sharding.rules: rule {pattern!r} uses mesh axis {name!r}; "
+                         f"expected one of {mesh.axis_names} or None")
+
+
+def _axis_size(mesh: Mesh, axis: Any) -> int:
+  names = axis if isinstance(axis, (tuple, list)) else (axis,)
+  return math.prod(mesh.shape[n] for n in names if n is not None)
+
+
+def partition_spec(path: str, shape: Sequence[int], mesh: Mesh,
+                   rules: Iterable[tuple[str, Sequence[Any]]] = (),
+                   fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> P:
+  """PartitionSpec of one array from the rules, the FSDP size threshold, or replication.
+
+  A rule's spec lists one mesh axis (or None, or a tuple of axes) per array dimension; a rule
+  whose axes do not divide the array's dimensions is an error naming both.
+  """
+  for pattern, spec in rules:
+    if re.search(pattern, path):
+      spec = tuple(spec)
+      _check_rule(pattern, spec, mesh)
+      if len(spec) > len(shape):
+        raise ValueError(f"config.sharding.rules: rule {pattern!r} gives {len(spec)} axes for "
+                         f"{path} of shape {tuple(shape)}")
+      for dim, axis in zip(shape, spec):
+        if axis is not None and dim % _axis_size(mesh, axis):
+          raise ValueError(f"config.sharding.rules: rule {pattern!r} splits a dimension of size "
+                           f"{dim} of {path} {tuple(shape)} over {axis!r} "
+                           f"({_axis_size(mesh, axis)} devices), which does not divide it")
+      return P(*spec)
+  fsdp = mesh.shape.get("fsdp", 1)
+  if fsdp > 1 and math.prod(shape) >= fsdp_min_size:
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+      if shape[dim] % fsdp == 0:
+        return P(*[("fsdp" if d == dim else None) for d in range(len(shape))])
+  return P()
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Iterable[tuple[str, Sequence[Any]]] = (),
+                   fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> Any:
+  """NamedShardings for every array of `tree` (arrays or ShapeDtypeStructs)."""
+  rules = [(str(pattern), tuple(spec)) for pattern, spec in rules]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: NamedSharding(mesh, partition_spec(
+          _path_string(path), np.shape(leaf), mesh, rules, fsdp_min_size)), tree)
+
+
+def state_shardings_from_config(abstract_state: Any, mesh: Mesh, sharding_cfg: Any = None) -> Any:
+  """`tree_shardings` with `config.sharding` (rules: list of [regex, spec]; fsdp_min_size)."""
+  sharding_cfg = dict(sharding_cfg or {})
+  unknown = set(sharding_cfg) - {"rules", "fsdp_min_size"}
+  if unknown:
+    raise ValueError(f"config.sharding: unknown fields {sorted(unknown)}; expected 'rules' and "
+                     "'fsdp_min_size'")
+  rules = sharding_cfg.get("rules") or ()
+  for rule in rules:
+    if len(rule) != 2:
+      raise ValueError(f"config.sharding.rules: each rule is (regex, spec); got {rule!r}")
+  return tree_shardings(abstract_state, mesh, rules,
+                        int(sharding_cfg.get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE)))

@@ -72,3 +72,32 @@ def test_schedule_warmup_then_cosine():
   np.testing.assert_allclose([s(0), s(5), s(10)], [0.0, 0.5, 1.0], atol=1e-6)
   np.testing.assert_allclose(s(60), 0.5 * (1 + np.cos(np.pi * 0.5)), atol=1e-6)
   np.testing.assert_allclose(s(110), 0.0, atol=1e-6)
+
+
+def test_fsdp_and_rule_shardings():
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+  mesh = sh.make_mesh({"data": 2, "fsdp": 4})
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  tree = {"dense": {"kernel": jnp.zeros((64, 512)), "bias": jnp.zeros((512,))},
+          "odd": {"kernel": jnp.zeros((33, 35))},
+          "emb": {"embedding": jnp.zeros((1000, 64))},
+          "opt": {"mu": {"dense": {"kernel": jnp.zeros((64, 512))}}}}
+  shardings = sh.tree_shardings(tree, mesh, rules=[("emb/embedding", (None, "fsdp"))],
+                                fsdp_min_size=4096)
+  assert shardings["dense"]["kernel"].spec == P(None, "fsdp")  # largest divisible dim
+  assert shardings["dense"]["bias"].spec == P()                # small: replicated
+  assert shardings["odd"]["kernel"].spec == P()                # no dim divisible by 4
+  assert shardings["emb"]["embedding"].spec == P(None, "fsdp")  # rule beats the largest dim
+  assert shardings["opt"]["mu"]["dense"]["kernel"].spec == P(None, "fsdp")
+  placed = jax.device_put(tree, shardings)
+  kernel = placed["dense"]["kernel"]
+  assert {s.data.shape for s in kernel.addressable_shards} == {(64, 128)}
+  with pytest.raises(ValueError, match="mesh axis 'model'"):
+    sh.tree_shardings(tree, mesh, rules=[("dense/kernel", (None, "model"))])
+  with pytest.raises(ValueError, match="does not divide it"):
+    sh.tree_shardings(tree, mesh, rules=[("odd/kernel", ("fsdp", None))])
+  with pytest.raises(ValueError, match="unknown fields"):
+    sh.state_shardings_from_config(tree, mesh, {"rule": []})
+  with pytest.raises(ValueError, match="sizes must be >= 1"):
+    sh.make_mesh({"data": 0})
