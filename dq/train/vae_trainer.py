@@ -158,8 +158,8 @@ def setup(config: Any, workdir: str):
   discriminator, disc_tx = make_discriminator(config)
   init_fn = make_init_fn(model, tx, config.data.image_size, discriminator, disc_tx)
   rng = jax.random.PRNGKey(config.seed)
-  repl = sh.replicated(mesh)
-  state_shardings = jax.tree.map(lambda _: repl, jax.eval_shape(init_fn, rng))
+  state_shardings = sh.state_shardings_from_config(jax.eval_shape(init_fn, rng), mesh,
+                                                   config.get("sharding"))
 
   train_ds = pipeline.make_dataset(
       config.data, split="train", batch_size=local_bs, seed=config.seed, train=True,
@@ -253,8 +253,8 @@ def evaluate(config: Any, workdir: str) -> dict:
   tx, _ = make_optimizer(config.optim, config.train.num_steps)
   init_fn = make_init_fn(model, tx, config.data.image_size, *make_discriminator(config))
   rng = jax.random.PRNGKey(config.seed)
-  repl = sh.replicated(mesh)
-  shardings = jax.tree.map(lambda _: repl, jax.eval_shape(init_fn, rng))
+  shardings = sh.state_shardings_from_config(jax.eval_shape(init_fn, rng), mesh,
+                                             config.get("sharding"))
   abstract = abstract_with_shardings(init_fn, rng, shardings)
   manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints)
   source = workdir if manager.latest_step() is not None else config.get("init_from")
