@@ -1,16 +1,48 @@
 #!/usr/bin/env bash
-# Run a config on this machine (all local devices, one process).
+# Run a config on this machine (all local devices, one process), appending the output to
+# WORKDIR/log.txt.
 #   launch/local.sh CONFIG WORKDIR [--config.field=value ...] [--dry-run]
 set -euo pipefail
-usage() { echo "usage: $0 CONFIG[:args] WORKDIR [--config.x=y ...] [--dry-run]" >&2; exit 2; }
-[ $# -ge 2 ] || usage
-config=$1 workdir=$2
+
+readonly SYNOPSIS="usage: $0 CONFIG[:args] WORKDIR [--config.x=y ...] [--dry-run]"
+
+die_usage() {
+  printf '%s: %s\n%s\n' "$0" "$*" "$SYNOPSIS" >&2
+  exit 2
+}
+
+# Prints a command as one shell-quoted line.
+print_cmd() {
+  local line
+  printf -v line '%q ' "$@"
+  printf '%s\n' "${line% }"
+}
+
+case "${1:-}" in
+  -h | --help)
+    printf '%s\n\nRuns python -m dq.main --config=CONFIG --workdir=WORKDIR [flags] with the %s\n' \
+      "$SYNOPSIS" "output appended to WORKDIR/log.txt; --dry-run prints the commands only."
+    exit 0 ;;
+esac
+[ $# -ge 2 ] || die_usage "expected CONFIG and WORKDIR"
+config="$1"
+workdir="$2"
 shift 2
-dry=0 extra=()
-for a in "$@"; do
-  if [ "$a" = "--dry-run" ]; then dry=1; else extra+=("$a"); fi
+if [[ "$config" == -* || "$workdir" == -* ]]; then
+  die_usage "expected CONFIG and WORKDIR before the flags: got '$config' '$workdir'"
+fi
+# Everything after WORKDIR but --dry-run goes to dq.main.
+dry_run=0
+extra=()
+for arg in "$@"; do
+  if [ "$arg" = "--dry-run" ]; then dry_run=1; else extra+=("$arg"); fi
 done
+
 cmd=(python -m dq.main "--config=${config}" "--workdir=${workdir}" "${extra[@]}")
-if [ "$dry" = 1 ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
+if [ "$dry_run" = 1 ]; then
+  print_cmd mkdir -p "$workdir"
+  printf '%s 2>&1 | tee -a %q\n' "$(print_cmd "${cmd[@]}")" "${workdir}/log.txt"
+  exit 0
+fi
 mkdir -p "$workdir"
 "${cmd[@]}" 2>&1 | tee -a "${workdir}/log.txt"
