@@ -156,6 +156,21 @@ def test_shards_are_disjoint_and_cover():
   assert not train_shards[0] & train_shards[1]
 
 
+@pytest.mark.parametrize("count", [2, 3])
+def test_train_global_batches_do_not_depend_on_process_count(count):
+  """Concatenating every process's local batch gives the one-process global batch, epochs too."""
+  cfg = embedded_config(train_size=12)
+  single = take(pipeline.make_dataset(cfg, split="train", batch_size=6, seed=5, train=True), 5)
+  parts = [take(pipeline.make_dataset(cfg, split="train", batch_size=6 // count, seed=5,
+                                      train=True, shard_index=p, shard_count=count), 5)
+           for p in range(count)]
+  for step, batch in enumerate(single):
+    joined = np.concatenate([parts[p][step]["index"] for p in range(count)])
+    np.testing.assert_array_equal(joined, batch["index"])
+    np.testing.assert_array_equal(
+        np.concatenate([parts[p][step]["image"] for p in range(count)]), batch["image"])
+
+
 def test_detail_mask_follows_the_image():
   cfg = embedded_config(train_size=64, image_size=32)
   cfg.embedded.procedural_fraction = 1.0

@@ -81,6 +81,31 @@ def detail_mask_available(data_cfg: Any) -> bool:
   return cfg.procedural_fraction > 0 or not cfg.photos
 
 
+class ProcessSlice(grain.MapDataset):
+  """Process `index`'s part of every global batch of a global record order.
+
+  Global batch b is records [b * G, (b + 1) * G) of the parent (G = local_batch * count); process
+  p reads records [b * G + p * L, b * G + (p + 1) * L). Every process sees the same global order,
+  so a run's global batches do not depend on how many processes feed them.
+  """
+
+  def __init__(self, parent: grain.MapDataset, local_batch: int, count: int, index: int):
+    super().__init__(parent)
+    self._local, self._count, self._index = local_batch, count, index
+
+  def __len__(self) -> int:
+    return len(self._parent) // (self._local * self._count) * self._local
+
+  def __getitem__(self, j):
+    if isinstance(j, slice):
+      return self.slice(j)
+    batch, i = divmod(j, self._local)
+    return self._parent[(batch * self._count + self._index) * self._local + i]
+
+  def __str__(self) -> str:
+    return f"ProcessSlice(local_batch={self._local}, count={self._count}, index={self._index})"
+
+
 class _IsValid(grain.transforms.Filter):
 
   def filter(self, element: dict[str, Any]) -> bool:
@@ -109,14 +134,46 @@ class _EvalTransform(grain.transforms.Map):
                                  random_crop=False, random_flip=False)
 
 
+def order_records(dataset: grain.MapDataset, *, split: str, seed: int, train: bool,
+                  shard_index: int, shard_count: int,
+                  num_epochs: int | None) -> grain.MapDataset:
+  """Record order before per-record transforms.
+
+  Train: one global order, shuffled with `seed` and reshuffled every epoch, the same in every
+  process (each later keeps its part with `process_slice`). Eval: the records strided over
+  processes (`[shard_index::shard_count]`), in order.
+  """
+  if shard_count > len(dataset):
+    raise ValueError(f"{len(dataset)} records of the {split} split cannot be split into "
+                     f"{shard_count} non-empty shards")
+  if not train:
+    dataset = dataset[shard_index::shard_count].seed(seed % 2**32)
+    return dataset.repeat(num_epochs) if num_epochs is not None and num_epochs > 1 else dataset
+  dataset = dataset.seed(seed % 2**32).shuffle()
+  if num_epochs is None:
+    return dataset.repeat(None)
+  return dataset.repeat(num_epochs) if num_epochs > 1 else dataset
+
+
+def process_slice(dataset: grain.MapDataset, *, train: bool, batch_size: int, shard_index: int,
+                  shard_count: int) -> grain.MapDataset:
+  """Train: this process's part of every global batch. Random transforms applied before this
+  are seeded by the global record position, so augmentations do not depend on the process
+  count either."""
+  if not train or shard_count == 1:
+    return dataset
+  return ProcessSlice(dataset, batch_size, shard_count, shard_index)
+
+
 def make_dataset(data_cfg: Any, *, split: str, batch_size: int, seed: int, train: bool,
                  shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
                  drop_remainder: bool = True) -> grain.IterDataset:
   """Batches of {'image': f32 [B,H,W,3] in [-1,1], 'label': i32 [B],
   'detail_mask': f32 [B,H,W] (zeros where the source has none), 'index': i64 [B]}.
 
-  Per-process sharded (shard_index/shard_count = jax process index/count), shuffled per epoch
-  with `seed` when train, repeated forever when train and num_epochs is None; eval: one pass,
+  Per-process (shard_index/shard_count = jax process index/count; see `order_records`: in train
+  mode every process reads its part of the same global batches), shuffled per epoch with `seed`
+  when train, repeated forever when train and num_epochs is None; eval: one pass,
   no shuffle, no random augmentation. Corrupt files are filtered out (counted in
   `dq.data.stats`). `index` is the record's index in the split's source.
   """
@@ -128,23 +185,17 @@ def make_dataset(data_cfg: Any, *, split: str, batch_size: int, seed: int, train
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be None or >= 1, got {num_epochs}")
   source = build_source(data_cfg, split)
-  if shard_count > len(source):
-    raise ValueError(f"{len(source)} records of the {split} split cannot be split into "
-                     f"{shard_count} non-empty shards")
-  dataset = grain.MapDataset.source(source)[shard_index::shard_count]
-  dataset = dataset.seed(seed % 2**32)
-  if train:
-    dataset = dataset.shuffle()
-  if num_epochs is None and train:
-    dataset = dataset.repeat(None)
-  elif num_epochs is not None and num_epochs > 1:
-    dataset = dataset.repeat(num_epochs)
+  dataset = order_records(grain.MapDataset.source(source), split=split, seed=seed, train=train,
+                          shard_index=shard_index, shard_count=shard_count,
+                          num_epochs=num_epochs)
   dataset = dataset.filter(_IsValid())
   if train:
     dataset = dataset.random_map(_TrainTransform(data_cfg.image_size, data_cfg.random_crop,
                                                  data_cfg.random_flip))
   else:
     dataset = dataset.map(_EvalTransform(data_cfg.image_size))
+  dataset = process_slice(dataset, train=train, batch_size=batch_size, shard_index=shard_index,
+                          shard_count=shard_count)
   prefetch = int(data_cfg.prefetch_buffer)
   buffered = max(1, prefetch * batch_size)  # Elements read ahead by a thread pool.
   read_options = grain.ReadOptions(num_threads=min(16, buffered) if prefetch > 0 else 0,
