@@ -26,6 +26,12 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return result
 
 
+def default_sharding_config() -> ml_collections.ConfigDict:
+  """Parameter/optimizer-state sharding: regex rules ([regex, spec] pairs), then FSDP for arrays
+  of at least `fsdp_min_size` elements when the mesh's fsdp axis is > 1 (see dq.sharding)."""
+  return ml_collections.ConfigDict({"rules": [], "fsdp_min_size": 2**18})
+
+
 def vae_base_config() -> ml_collections.ConfigDict:
   """Every stage-1 field with a default; config files override what they need."""
   from dq.data.config import default_data_config
@@ -36,7 +42,8 @@ def vae_base_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.init_from = ""           # a workdir or checkpoint folder to start from
   config.matmul_precision = ""    # e.g. 'highest' for parity checks
-  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  config.sharding = default_sharding_config()
   config.data = default_data_config()
   config.model = default_model_config()
   config.model.router.threshold_images = 512
@@ -97,4 +104,52 @@ def vae_paper_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     config.eval.update(dict(batch_size=8, max_images=32))
     config.optim.warmup_steps = config.optim_disc.warmup_steps = 0
     config.loss.disc_start = 10
+  return config
+
+
+def transformer_base_config() -> ml_collections.ConfigDict:
+  """Every stage-2 (DQ-Transformer) field with a default; config files override what they need.
+
+  Token grids, codebook size and image size come from the stage-1 model at `stage1.path`.
+  """
+  import dataclasses
+  from dq.data.config import default_data_config
+  from dq.stage2.build import default_transformer_config
+  from dq.stage2.sampler import SamplingConfig
+  config = ml_collections.ConfigDict()
+  config.stage = "transformer"
+  config.mode = "train"           # 'train' | 'sample' | 'encode'
+  config.seed = 0
+  config.init_from = ""           # a stage-2 workdir or checkpoint folder to start from
+  config.matmul_precision = ""
+  config.mesh = vae_base_config().mesh  # the same mesh and parameter sharding fields as stage 1
+  config.sharding = default_sharding_config()
+  # A stage-1 workdir (dq checkpoints) or a converted official DQ-VAE folder.
+  config.stage1 = ml_collections.ConfigDict(dict(path=""))
+  config.data = default_data_config()
+  config.data.image_size = 0      # 0: the stage-1 model's image size
+  config.data.random_flip = False  # flips are `tokens.flip` (both token paths)
+  config.tokens = ml_collections.ConfigDict(dict(
+      dir="",                      # '': encode images on the fly; else token shards (made once)
+      fine_order="row",            # 'row' | 'region'
+      max_len=0,                   # 0: worst case (every region fine) = hf * wf + 4
+      flip=True,                   # random horizontal flips (stored flipped tokens / on the fly)
+      encode_batch_size=64,
+      shard_size=4096,             # images per token shard
+      max_images=0))               # encode at most this many images per split (0: all)
+  config.class_conditional = False
+  config.label_dropout = 0.1      # class-conditional: P(SOS -> null class) for guidance
+  config.model = default_transformer_config()
+  config.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=5e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01,
+      warmup_steps=0, schedule="cosine", end_factor=0.0, grad_clip=1.0))
+  config.train = ml_collections.ConfigDict(dict(
+      batch_size=32, num_steps=100_000, log_every=50, sample_every=5000, sample_images=16,
+      checkpoint_every=1000, keep_checkpoints=3, async_checkpointing=True, tensorboard=True))
+  config.sample = ml_collections.ConfigDict(dict(
+      num_images=64, batch_size=16, seed=0,
+      labels="",                   # '': cycle over the classes; or '3,3,7'
+      out_dir="",                  # '': WORKDIR/samples
+      **dataclasses.asdict(SamplingConfig())))
+  config.sample.fine_order = config.tokens.get_ref("fine_order")  # follows the training order
   return config

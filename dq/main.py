@@ -1,5 +1,8 @@
 """Entry point: `python -m dq.main --config=configs/ffhq_vae.py[:arg] --workdir=DIR`.
 
+Stage 1 (`config.stage='vae'`): modes train, eval. Stage 2 (`'transformer'`): modes train,
+sample, encode (`--config.mode=sample`).
+
 Parses flags and dispatches on `config.stage` and `config.mode`; nothing else.
 """
 from absl import app, flags, logging
@@ -8,12 +11,20 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "ml_collections config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs, summaries and results.")
+flags.DEFINE_enum("distributed", "none", ["none", "auto"],
+                  "'auto': jax.distributed.initialize() (TPU pods, Slurm); see dq.distributed.")
+flags.DEFINE_string("coordinator_address", None, "Explicit multi-process start: HOST:PORT.")
+flags.DEFINE_integer("num_processes", None, "Explicit multi-process start: process count.")
+flags.DEFINE_integer("process_id", None, "Explicit multi-process start: this process's id.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from dq import distributed
+  distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                         FLAGS.process_id)
   import jax
   config = FLAGS.config
   if config.get("matmul_precision"):
@@ -22,14 +33,17 @@ def main(argv):
                jax.devices()[0].platform, jax.process_index(), jax.process_count())
   if config.stage == "vae":
     from dq.train import vae_trainer as trainer
+    modes = {"train": trainer.train_and_evaluate, "eval": trainer.evaluate}
+  elif config.stage == "transformer":
+    from dq.train import transformer_trainer as trainer
+    modes = {"train": trainer.train_and_evaluate, "sample": trainer.sample,
+             "encode": trainer.encode}
   else:
-    raise ValueError(f"config.stage={config.stage!r}: expected 'vae'")
-  if config.mode == "train":
-    trainer.train_and_evaluate(config, FLAGS.workdir)
-  elif config.mode == "eval":
-    trainer.evaluate(config, FLAGS.workdir)
-  else:
-    raise ValueError(f"config.mode={config.mode!r}: expected 'train' or 'eval'")
+    raise ValueError(f"config.stage={config.stage!r}: expected 'vae' or 'transformer'")
+  if config.mode not in modes:
+    raise ValueError(f"config.mode={config.mode!r}: expected one of {sorted(modes)} for stage "
+                     f"{config.stage!r}")
+  modes[config.mode](config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ def load_config(path, arg=None):
 
 def test_mesh_sizes():
   assert jax.device_count() == 8
-  assert dict(sh.make_mesh().shape) == {"data": 8, "fsdp": 1}
-  assert dict(sh.make_mesh({"data": 2, "fsdp": -1}).shape) == {"data": 2, "fsdp": 4}
+  assert dict(sh.make_mesh().shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert dict(sh.make_mesh({"data": 2, "fsdp": -1}).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert dict(sh.make_mesh({"data": 2, "tensor": 2, "fsdp": -1}).shape) == {
+      "data": 2, "fsdp": 2, "tensor": 2}
   with pytest.raises(ValueError, match="needs 6 devices"):
     sh.make_mesh({"data": 3, "fsdp": 2})
   with pytest.raises(ValueError, match="unknown axes"):
@@ -47,8 +49,8 @@ def test_parse_arg():
     parse_arg("tyni", tiny=False)
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py"))))
-def test_every_config_builds_a_valid_model(path):
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIG_DIR, "*_vae.py"))))
+def test_every_vae_config_builds_a_valid_model(path):
   from dq.models.build import build_dqvae
   for arg in (None, "tiny"):
     config = load_config(path, arg) if "demo" not in path else load_config(path)

@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules from config."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import optax
@@ -27,9 +27,13 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(optim_cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                                 optax.Schedule]:
-  """Adam/AdamW with optional global-norm clipping, from `config.optim`."""
+def make_optimizer(optim_cfg: Any, total_steps: int, *,
+                   decay_mask: Callable[[Any], Any] = weight_decay_mask
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Adam/AdamW with optional global-norm clipping, from `config.optim`.
+
+  `decay_mask(params)` -> bool tree: the weights AdamW decays (default `weight_decay_mask`).
+  """
   schedule = make_schedule(optim_cfg.lr, total_steps, optim_cfg.warmup_steps,
                            optim_cfg.get("end_factor", 0.0), optim_cfg.get("schedule", "cosine"))
   name = optim_cfg.get("name", "adam")
@@ -37,7 +41,7 @@ def make_optimizer(optim_cfg: Any, total_steps: int) -> tuple[optax.GradientTran
     opt = optax.adam(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.get("eps", 1e-8))
   elif name == "adamw":
     opt = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.get("eps", 1e-8),
-                      weight_decay=optim_cfg.weight_decay, mask=weight_decay_mask)
+                      weight_decay=optim_cfg.weight_decay, mask=decay_mask)
   else:
     raise ValueError(f"config.optim.name={name!r}: expected 'adam' or 'adamw'")
   parts = []

@@ -1,0 +1,45 @@
+"""Class-conditional DQ-Transformer on ImageNet 256 (1000 classes), official size (d 1024,
+8 heads, 6 position + 18 content layers, dropout 0.1), label dropout 10% so that sampling can
+use classifier-free guidance (`--config.sample.guidance_scale=S`).
+
+Class folders:  --config.data.folder.train_path=/data/imagenet/train
+                --config.data.folder.eval_path=/data/imagenet/val
+TFDS build (`:tfds`):  --config.data.tfds.data_dir=/data/tfds   (imagenet2012, ArrayRecord)
+
+  python -m dq.main --config=configs/imagenet_transformer.py:stage1=IMAGENET_VAE_DIR \
+      --workdir=DIR --config.data.folder.train_path=/data/imagenet/train
+Args (comma-separated): `stage1=PATH`, `tfds`, `tiny` (small model and steps for a smoke
+test), `embedded` (the embedded data and its 9 classes). Image size and grids come from stage 1.
+"""
+from dq.configs import parse_arg, transformer_base_config
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, stage1="", tfds=False, tiny=False, embedded=False)
+  config = transformer_base_config()
+  config.stage1.path = arg.stage1
+  if arg.embedded:
+    config.data.name = "embedded"
+  elif arg.tfds:
+    config.data.name = "tfds"
+    config.data.tfds.name = "imagenet2012"
+    config.data.tfds.train_split = "train"
+    config.data.tfds.eval_split = "validation"
+  else:
+    config.data.name = "folder"
+    config.data.folder.labels_from_subfolders = True
+  config.class_conditional = True  # classes counted from the data (1000 for ImageNet)
+  config.label_dropout = 0.1
+  config.model.update(dict(n_embd=1024, n_head=8, position_layers=6, content_layers=18,
+                           dropout=0.1))
+  config.train.update(dict(batch_size=64, num_steps=500_000, log_every=100, sample_every=10_000,
+                           sample_images=16, checkpoint_every=5000))
+  config.optim.update(dict(lr=5e-4, warmup_steps=5000))
+  config.sample.update(dict(num_images=1000, batch_size=32))
+  if arg.tiny:
+    config.model.update(dict(n_embd=64, n_head=4, position_layers=1, content_layers=2))
+    config.train.update(dict(batch_size=8, num_steps=20, log_every=5, sample_every=10,
+                             sample_images=4, checkpoint_every=10))
+    config.optim.warmup_steps = 0
+    config.sample.update(dict(num_images=8, batch_size=4))
+  return config

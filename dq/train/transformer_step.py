@@ -1,0 +1,124 @@
+"""Pure stage-2 step functions: train state, init, optimizer and `update_fn(state, batch)`.
+
+A batch is a packed token dict (`dq.stage2.tokens.pack_tokens` layout): content, position,
+segment int32 and valid bool, each [B, L]. The step applies label dropout (class-conditional
+models), runs `forward_packed` with dropout and minimises content_loss + position_loss.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from dq.stage2.tokens import TokenLayout
+from dq.stage2.transformer import StackedTransformer, packed_losses
+from dq.train.optim import make_optimizer
+
+PACKED_KEYS = ("content", "position", "segment", "valid")
+
+
+@flax.struct.dataclass
+class TransformerState:
+  step: jnp.ndarray      # [] int32
+  params: Any
+  opt_state: Any
+  rng: jnp.ndarray       # [2] uint32 base key; per-step keys are fold_in(rng, step)
+
+
+def transformer_weight_decay_mask(params: Any) -> Any:
+  """True exactly for Dense kernels: embeddings, pos_emb, biases and LayerNorms are not decayed."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def make_transformer_optimizer(optim_cfg: Any, total_steps: int
+                               ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`config.optim` (AdamW by default) with weight decay on Dense kernels only."""
+  return make_optimizer(optim_cfg, total_steps, decay_mask=transformer_weight_decay_mask)
+
+
+def make_init_fn(model: StackedTransformer, tx: optax.GradientTransformation,
+                 layout: TokenLayout) -> Callable[[jax.Array], TransformerState]:
+  """init_fn(rng) -> TransformerState (params from a dummy [1, max_len] batch)."""
+
+  def init_fn(rng: jax.Array) -> TransformerState:
+    params_rng, state_rng = jax.random.split(rng)
+    dummy = jnp.zeros((1, layout.max_len), jnp.int32)
+    params = model.init(params_rng, dummy, dummy, dummy, method="forward_packed")["params"]
+    return TransformerState(step=jnp.zeros((), jnp.int32), params=params,
+                            opt_state=tx.init(params), rng=state_rng)
+
+  return init_fn
+
+
+def apply_label_dropout(content: jax.Array, rng: jax.Array, rate: float,
+                        null_class_sos: int) -> tuple[jax.Array, jax.Array]:
+  """Replaces the SOS content (content[:, 0]) by the null class with probability `rate`.
+
+  Args:
+    content: [B, L] int32 packed contents whose first column is the class SOS.
+    rng: PRNG key.
+    rate: drop probability in [0, 1].
+    null_class_sos: the layout's null-class SOS id.
+
+  Returns:
+    (content [B, L], dropped [B] bool).
+  """
+  dropped = jax.random.bernoulli(rng, rate, content.shape[:1])  # [B]
+  sos = jnp.where(dropped, null_class_sos, content[:, 0])
+  return content.at[:, 0].set(sos.astype(content.dtype)), dropped
+
+
+def _masked_accuracy(logits: jax.Array, targets: jax.Array, keep: jax.Array) -> jax.Array:
+  hits = (jnp.argmax(logits, axis=-1) == targets) & keep
+  return jnp.sum(hits) / jnp.maximum(jnp.sum(keep), 1)
+
+
+def make_update_fn(model: StackedTransformer, tx: optax.GradientTransformation,
+                   schedule: optax.Schedule, *, layout: TokenLayout, label_dropout: float,
+                   class_conditional: bool):
+  """Builds update_fn(state, batch) -> (state, metrics); jit it with shardings and
+  `donate_argnums=0`. Extra batch keys (e.g. 'label') are ignored."""
+  if class_conditional != (layout.num_classes > 0):
+    raise ValueError(f"class_conditional={class_conditional} but the token layout has "
+                     f"num_classes={layout.num_classes}")
+  if not 0.0 <= label_dropout <= 1.0:
+    raise ValueError(f"config.label_dropout must lie in [0, 1]; got {label_dropout}")
+  drop_labels = class_conditional and label_dropout > 0
+
+  def update_fn(state: TransformerState, batch: dict) -> tuple[TransformerState, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    dropout_rng, label_rng = jax.random.split(rng)
+    packed = {k: batch[k] for k in PACKED_KEYS}
+    metrics = {}
+    if drop_labels:
+      packed["content"], dropped = apply_label_dropout(packed["content"], label_rng,
+                                                       label_dropout, layout.null_class_sos)
+      metrics["null_label_fraction"] = jnp.mean(dropped.astype(jnp.float32))
+
+    def loss_fn(params):
+      position_logits, content_logits = model.apply(
+          {"params": params}, packed["content"], packed["position"], packed["segment"],
+          deterministic=False, rngs={"dropout": dropout_rng}, method="forward_packed")
+      losses = packed_losses(position_logits, content_logits, packed)
+      loss = losses["content_loss"] + losses["position_loss"]
+      return loss, (losses, position_logits, content_logits)
+
+    (loss, (losses, position_logits, content_logits)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = packed["valid"][:, 1:]  # [B, L - 1] targets inside each sequence
+    metrics.update(loss=loss, **losses)
+    metrics["content_accuracy"] = _masked_accuracy(content_logits, packed["content"][:, 1:], keep)
+    metrics["position_accuracy"] = _masked_accuracy(position_logits, packed["position"][:, 1:],
+                                                    keep)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["lr"] = schedule(state.step)
+    metrics["tokens"] = jnp.sum(packed["valid"]).astype(jnp.float32)  # valid tokens in the batch
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return update_fn

@@ -1,0 +1,433 @@
+"""Stage-2 (DQ-Transformer) trainer: `train_and_evaluate`, `sample` and `encode`.
+
+Tokens come from a trained DQ-VAE (`config.stage1.path`): either read from token shards in
+`config.tokens.dir` (written once by `encode`, or by training when the folder has no meta.json)
+or encoded on the fly from the image pipeline with a jitted stage-1 encoder. Resume order: the
+latest complete checkpoint in the workdir, then `config.init_from`, then scratch. The step is
+jitted once with explicit shardings and the state donated, as in stage 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dq import sharding as sh
+from dq import viz
+from dq.data import pipeline
+from dq.stage2 import sampler as sampling
+from dq.stage2 import stage1 as stage1_lib
+from dq.stage2 import token_data
+from dq.stage2.build import build_transformer
+from dq.stage2.tokens import TokenLayout, unpack_tokens_jax
+from dq.train import checkpoint as ckpt
+from dq.train.progress import Progress
+from dq.train.state import abstract_with_shardings, sharded_init
+from dq.train.transformer_step import (PACKED_KEYS, TransformerState, make_init_fn,
+                                       make_transformer_optimizer, make_update_fn)
+from dq.train.vae_trainer import _check_finite, _save_config, _skip_counts, check_batch_size
+from dq.train.writers import create_writer
+
+NUM_GRAINS = 2  # the token layout is dual grain
+GRID_COLUMNS = 4  # (sample | grain overlay) pairs per grid row
+
+
+def load_stage1(config: Any) -> stage1_lib.Stage1:
+  """The frozen DQ-VAE at `config.stage1.path`, with clear errors when it is missing."""
+  path = config.stage1.path
+  if not path:
+    raise ValueError(f"config.stage1.path is empty: stage 2 needs a trained DQ-VAE; "
+                     f"{stage1_lib.STAGE1_HINT}, then pass --config.stage1.path=DIR (the demo "
+                     "config takes it as configs/demo_transformer.py:stage1=DIR)")
+  stage1 = stage1_lib.load_stage1(path)
+  logging.info("Stage 1 from %s: %d px, coarse %s, fine %s, codebook %d", path,
+               stage1.image_size, stage1.coarse_size, stage1.fine_size, stage1.codebook_size)
+  return stage1
+
+
+def resolve_data_config(config: Any, stage1: stage1_lib.Stage1) -> Any:
+  """`config.data` with image_size taken from stage 1 (0) or checked against it."""
+  data_cfg = config.data.copy_and_resolve_references()
+  if data_cfg.image_size == 0:
+    data_cfg.image_size = stage1.image_size
+  elif data_cfg.image_size != stage1.image_size:
+    raise ValueError(f"config.data.image_size={data_cfg.image_size} but the stage-1 model at "
+                     f"{config.stage1.path} codes {stage1.image_size} px images; set it to "
+                     f"{stage1.image_size} or 0")
+  return data_cfg
+
+
+def make_layout(config: Any, stage1: stage1_lib.Stage1, data_cfg: Any) -> TokenLayout:
+  """Token layout of the stage-1 grids; classes from the data when class-conditional."""
+  num_classes = pipeline.num_classes(data_cfg) if config.class_conditional else 0
+  return stage1_lib.token_layout(stage1, num_classes=num_classes,
+                                 max_len=config.tokens.max_len or None)
+
+
+def tokens_dir(config: Any, workdir: str) -> str:
+  return config.tokens.dir or os.path.join(workdir, "tokens")
+
+
+def encode_split(config: Any, stage1: stage1_lib.Stage1, data_cfg: Any, layout: TokenLayout,
+                 out_dir: str, split: str) -> dict:
+  """Encodes one split of `data_cfg` into token shards under `out_dir`."""
+  logging.info("Encoding the %s split into token shards under %s", split, out_dir)
+  return token_data.encode_dataset(
+      stage1, data_cfg, out_dir, split=split, batch_size=config.tokens.encode_batch_size,
+      shard_size=config.tokens.shard_size, flips=config.tokens.flip,
+      max_images=config.tokens.max_images, num_classes=layout.num_classes)
+
+
+class TrainTokens:
+  """Sharded packed token batches for training, from token shards or encoded on the fly.
+
+  `iterator` is the grain iterator that checkpoints save and restore.
+  """
+
+  def __init__(self, config: Any, stage1: stage1_lib.Stage1, data_cfg: Any,
+               layout: TokenLayout, mesh: Any, local_batch_size: int):
+    self.mesh = mesh
+    self.on_the_fly = not config.tokens.dir
+    shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    if self.on_the_fly:
+      dataset = pipeline.make_dataset(data_cfg, split="train", batch_size=local_batch_size,
+                                      seed=config.seed, train=True, **shard)
+      self._encode = _make_batch_encoder(stage1, layout, config.tokens.fine_order,
+                                         config.tokens.flip, mesh, config.seed)
+    else:
+      directory = config.tokens.dir
+      if not _has_train_tokens(directory):
+        if jax.process_index() == 0:
+          encode_split(config, stage1, data_cfg, layout, directory, "train")
+        _sync("dq_token_encode")
+      token_data.check_token_meta(token_data.load_token_meta(directory), layout, directory)
+      dataset = token_data.make_token_dataset(
+          directory, layout, split="train", batch_size=local_batch_size, seed=config.seed,
+          train=True, flip=config.tokens.flip, fine_order=config.tokens.fine_order, **shard)
+    self.iterator = iter(dataset)
+
+  def next(self, step: int) -> dict:
+    """The batch of `step`: packed content/position/segment/valid [B, L] sharded over data."""
+    batch = next(self.iterator)
+    if self.on_the_fly:
+      return self._encode(batch, step)
+    return sh.shard_batch({k: batch[k] for k in PACKED_KEYS}, self.mesh)
+
+
+def _has_train_tokens(directory: str) -> bool:
+  """True when `directory/meta.json` lists a train split (encoded before)."""
+  try:
+    meta = token_data.load_token_meta(directory)
+  except FileNotFoundError:
+    return False
+  return "train" in meta.get("splits", {})
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _make_batch_encoder(stage1: stage1_lib.Stage1, layout: TokenLayout, fine_order: str,
+                        flip: bool, mesh: Any, seed: int) -> Callable[[dict, int], dict]:
+  """(host image batch, step) -> packed tokens sharded over data; flips keyed on the step.
+
+  The stage-1 variables are an argument of the jitted encoder (replicated), not constants
+  folded into its program.
+  """
+  stage1_lib.make_image_token_fn(stage1, layout, fine_order)  # checks the layout up front
+  conditional = layout.num_classes > 0
+  flip_key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x5EED)
+
+  def encode(variables, images, labels, step):
+    token_fn = stage1_lib.make_image_token_fn(dataclasses.replace(stage1, variables=variables),
+                                              layout, fine_order)
+    rng = jax.random.fold_in(flip_key, step) if flip else None
+    return token_fn(images, labels if conditional else None, rng)
+
+  batch_sharding, repl = sh.batch_sharding(mesh), sh.replicated(mesh)
+  jitted = jax.jit(encode, in_shardings=(repl, batch_sharding, batch_sharding, repl),
+                   out_shardings=batch_sharding)
+  variables = jax.device_put(stage1.variables, repl)
+
+  def encode_batch(batch: dict, step: int) -> dict:
+    arrays = sh.shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+    return jitted(variables, arrays["image"], arrays["label"], jnp.asarray(step, jnp.int32))
+
+  return encode_batch
+
+
+def init_params_from(path: str, state: TransformerState, abstract: TransformerState
+                     ) -> TransformerState:
+  """Params of another stage-2 run (workdir or checkpoint folder); step and optimizer fresh."""
+  params = ckpt.restore_params_from(path)["params"]
+  if jax.tree.structure(params) != jax.tree.structure(abstract.params) or any(
+      np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(params),
+                                             jax.tree.leaves(abstract.params))):
+    raise ValueError(f"config.init_from={path}: its parameters do not match config.model and "
+                     "the token layout (different widths, depths, stage 1 or classes)")
+  params = jax.tree.map(lambda a, b: jax.device_put(np.asarray(a, b.dtype), b.sharding),
+                        params, abstract.params)
+  logging.info("Initialised transformer params from %s", path)
+  return state.replace(params=params)
+
+
+def setup(config: Any, workdir: str):
+  """Stage 1, layout, mesh, model, optimizer, state (resumed or fresh) and the token batches."""
+  stage1 = load_stage1(config)
+  data_cfg = resolve_data_config(config, stage1)
+  layout = make_layout(config, stage1, data_cfg)
+  mesh = sh.make_mesh(config.get("mesh"))
+  local_bs = check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
+  model = build_transformer(config.model, layout)
+  tx, schedule = make_transformer_optimizer(config.optim, config.train.num_steps)
+  init_fn = make_init_fn(model, tx, layout)
+  rng = jax.random.PRNGKey(config.seed)
+  state_shardings = sh.state_shardings_from_config(jax.eval_shape(init_fn, rng), mesh,
+                                                   config.get("sharding"))
+  tokens = TrainTokens(config, stage1, data_cfg, layout, mesh, local_bs)
+  manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints,
+                              async_save=config.train.get("async_checkpointing", True))
+  if manager.latest_step() is not None:
+    abstract = abstract_with_shardings(init_fn, rng, state_shardings)
+    state, _ = ckpt.restore(manager, abstract, tokens.iterator)
+  else:
+    state, _ = sharded_init(init_fn, rng, lambda a: state_shardings)
+    if config.get("init_from"):
+      state = init_params_from(config.init_from, state,
+                               abstract_with_shardings(init_fn, rng, state_shardings))
+  return dict(stage1=stage1, layout=layout, mesh=mesh, model=model, tx=tx, schedule=schedule,
+              state=state, state_shardings=state_shardings, tokens=tokens, manager=manager)
+
+
+def train_and_evaluate(config: Any, workdir: str) -> TransformerState:
+  """Trains the DQ-Transformer for `config.train.num_steps` with logs, sample grids and
+  checkpoints; returns the final state."""
+  _save_config(config, workdir)
+  env = setup(config, workdir)
+  layout, mesh, state, tokens, manager = (env["layout"], env["mesh"], env["state"],
+                                          env["tokens"], env["manager"])
+  update_fn = make_update_fn(env["model"], env["tx"], env["schedule"], layout=layout,
+                             label_dropout=config.label_dropout,
+                             class_conditional=config.class_conditional)
+  train_step = jax.jit(update_fn, in_shardings=(env["state_shardings"], sh.batch_sharding(mesh)),
+                       out_shardings=(env["state_shardings"], sh.replicated(mesh)),
+                       donate_argnums=0)
+  writer = create_writer(workdir, tensorboard=config.train.get("tensorboard", True))
+  sample_every = config.train.get("sample_every", 0)
+  generate = None
+  if sample_every and config.train.sample_images:
+    generate = make_generate_fn(env["model"], layout, env["stage1"],
+                                sampling.sampling_config_from(config.sample))
+
+  start = int(jax.device_get(state.step))
+  total = config.train.num_steps
+  logging.info("Training the transformer from step %d to %d (batch %d on %d devices, tokens %s, "
+               "max_len %d, %d classes)", start, total, config.train.batch_size,
+               jax.device_count(), config.tokens.dir or "encoded on the fly", layout.max_len,
+               layout.num_classes)
+  progress = Progress(total, start, every=config.train.log_every)
+  t_log, s_log = time.perf_counter(), start
+  token_count = jnp.zeros((), jnp.float32)
+  for step in range(start + 1, total + 1):
+    batch = tokens.next(step)
+    state, metrics = train_step(state, batch)
+    token_count = token_count + metrics["tokens"]  # stays on device until the next log
+    progress(step)
+    if step % config.train.log_every == 0 or step == total:
+      scalars = jax.device_get(metrics)
+      now = time.perf_counter()
+      elapsed = max(now - t_log, 1e-9)
+      scalars["steps_per_sec"] = (step - s_log) / elapsed
+      scalars["examples_per_sec"] = scalars["steps_per_sec"] * config.train.batch_size
+      scalars["tokens_per_sec"] = float(jax.device_get(token_count)) / elapsed
+      scalars.update(_skip_counts())
+      t_log, s_log, token_count = now, step, jnp.zeros((), jnp.float32)
+      _check_finite(scalars, step, manager)
+      writer.write_scalars(step, scalars)
+    if generate is not None and (step % sample_every == 0 or step == total):
+      _write_sample_grid(writer, generate, state.params, config, layout, step)
+    if step % config.train.checkpoint_every == 0 or step == total:
+      ckpt.save(manager, step, state, tokens.iterator)
+  manager.wait_until_finished()
+  writer.flush()
+  return state
+
+
+def make_generate_fn(model: Any, layout: TokenLayout, stage1: stage1_lib.Stage1,
+                     sampling_cfg: sampling.SamplingConfig
+                     ) -> Callable[[Any, jax.Array, Any], dict]:
+  """(params, rng, labels [B] or batch size) -> host dict codes, grain, images, length."""
+  sampler = sampling.make_sampler(model, layout, sampling_cfg)
+  decode = stage1_lib.make_decode_fn(stage1)
+  device = jax.local_devices()[0]
+
+  def generate(params: Any, rng: jax.Array, labels_or_batch: Any) -> dict:
+    # One device: a replicated sampling loop would repeat the same work on every device.
+    params = jax.device_put(params, device)
+    packed = sampler(params, jax.device_put(rng, device), labels_or_batch)
+    codes, grain = unpack_tokens_jax(packed, layout)  # [B, hf, wf], [B, hc, wc]
+    images = decode(codes)  # [B, H, W, 3] in [-1, 1]
+    return jax.device_get({"codes": codes, "grain": grain, "images": images,
+                           "length": packed["length"]})
+
+  return generate
+
+
+def sample_labels(config: Any, layout: TokenLayout, count: int) -> Optional[np.ndarray]:
+  """Labels of `count` samples: `sample.labels` cycled, or a cycle over the classes when it is
+  empty; None for an unconditional model."""
+  text = str(config.sample.get("labels", "")).strip()
+  if layout.num_classes == 0:
+    if text:
+      raise ValueError(f"config.sample.labels={text!r} but the model is unconditional "
+                       "(config.class_conditional=False); leave it empty")
+    return None
+  if not text:
+    return (np.arange(count) % layout.num_classes).astype(np.int32)
+  try:
+    values = [int(v) for v in text.split(",") if v.strip()]
+  except ValueError as e:
+    raise ValueError(f"config.sample.labels={text!r}: expected comma-separated ints") from e
+  bad = [v for v in values if not 0 <= v <= layout.num_classes]
+  if not values or bad:
+    raise ValueError(f"config.sample.labels={text!r}: labels must lie in [0, "
+                     f"{layout.num_classes}] ({layout.num_classes} = null class)")
+  return np.resize(np.asarray(values, np.int32), count)
+
+
+def sample_grid(images: np.ndarray, grains: np.ndarray, columns: int = GRID_COLUMNS
+                ) -> np.ndarray:
+  """Pairs (sample | grain overlay) in rows of `columns` pairs, 2-px white separators.
+
+  Args:
+    images: uint8 [N, H, W, 3]; grains: int [N, hc, wc] (0 coarse, 1 fine).
+
+  Returns:
+    uint8 grid [rows * (H + 2) - 2, 2 * columns * (W + 2) - 2, 3].
+  """
+  count, height, width = images.shape[:3]
+  columns = max(1, min(columns, count))
+  rows = -(-count // columns)
+  step_h, step_w = height + viz.SEPARATOR, width + viz.SEPARATOR
+  grid = np.full((rows * step_h - viz.SEPARATOR, 2 * columns * step_w - viz.SEPARATOR, 3),
+                 viz.SEPARATOR_VALUE, np.uint8)
+  for i in range(count):
+    top, left = (i // columns) * step_h, 2 * (i % columns) * step_w
+    grid[top:top + height, left:left + width] = images[i]
+    grid[top:top + height, left + step_w:left + step_w + width] = viz.grain_overlay(
+        images[i], grains[i], NUM_GRAINS)
+  return grid
+
+
+def _write_sample_grid(writer, generate, params, config, layout, step) -> None:
+  count = config.train.sample_images
+  labels = sample_labels(config, layout, count)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.sample.seed), step)
+  out = generate(params, rng, count if labels is None else labels)
+  fine = float(np.mean(out["grain"]))
+  writer.write_scalars(step, {"sample/fine_ratio": fine,
+                              "sample/length": float(np.mean(out["length"]))})
+  writer.write_images(step, {"samples": sample_grid(viz.to_uint8(out["images"]),
+                                                    out["grain"])[None]})
+
+
+def restore_params(config: Any, workdir: str, abstract_params: Any) -> tuple[Any, int, str]:
+  """(params, step, source) from the latest checkpoint in the workdir, else `init_from`."""
+  manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints, async_save=False)
+  source = workdir if manager.latest_step() is not None else config.get("init_from")
+  if not source:
+    raise FileNotFoundError(f"sample: no checkpoint in {workdir}/checkpoints and no "
+                            "config.init_from; train first (mode 'train') or set "
+                            "--config.init_from=DIR")
+  restored = ckpt.restore_params_from(source)
+  params = restored["params"]
+  if jax.tree.structure(params) != jax.tree.structure(abstract_params) or any(
+      np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(params),
+                                             jax.tree.leaves(abstract_params))):
+    raise ValueError(f"checkpoint {source}: its parameters do not match config.model and the "
+                     "token layout (different widths, depths, stage 1 or classes)")
+  params = jax.tree.map(lambda a, b: np.asarray(a, b.dtype), params, abstract_params)
+  return params, int(restored["step"]), source
+
+
+def sample(config: Any, workdir: str) -> str:
+  """Sample mode: `sample.num_images` images -> one PNG each, `grid.png` and `samples.npz`
+  (codes, grain, labels (-1 when unconditional), images uint8, length and the sampling
+  settings) under `sample.out_dir` (default WORKDIR/samples). Returns the .npz path."""
+  stage1 = load_stage1(config)
+  layout = make_layout(config, stage1, resolve_data_config(config, stage1))
+  model = build_transformer(config.model, layout)
+  sampling_cfg = sampling.sampling_config_from(config.sample)
+  count, batch_size = int(config.sample.num_images), int(config.sample.batch_size)
+  if count < 1 or batch_size < 1:
+    raise ValueError(f"config.sample.num_images={count} and config.sample.batch_size="
+                     f"{batch_size} must be >= 1")
+  labels = sample_labels(config, layout, count)
+  tx, _ = make_transformer_optimizer(config.optim, config.train.num_steps)
+  abstract = jax.eval_shape(make_init_fn(model, tx, layout), jax.random.PRNGKey(0))
+  params, step, source = restore_params(config, workdir, abstract.params)
+  params = jax.device_put(params, jax.local_devices()[0])  # once, not per batch
+  generate = make_generate_fn(model, layout, stage1, sampling_cfg)
+  logging.info("Sampling %d images in batches of %d from %s (step %d), %s", count, batch_size,
+               source, step, sampling_cfg)
+
+  num_batches = -(-count // batch_size)
+  progress = Progress(num_batches, 0, every=1)
+  base_rng = jax.random.PRNGKey(config.sample.seed)
+  parts = []
+  for index in range(num_batches):
+    take = min(batch_size, count - index * batch_size)
+    if labels is None:
+      request = batch_size
+    else:  # pad the last batch to one shape (one compilation), then trim
+      request = np.resize(labels[index * batch_size:index * batch_size + take], batch_size)
+    out = generate(params, jax.random.fold_in(base_rng, index), request)
+    parts.append({k: v[:take] for k, v in out.items()})
+    progress(index + 1)
+  result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  images = viz.to_uint8(result["images"])  # [N, H, W, 3]
+
+  out_dir = config.sample.out_dir or os.path.join(workdir, "samples")
+  npz_path = os.path.join(out_dir, "samples.npz")
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    for i, image in enumerate(images):
+      viz.save_png(os.path.join(out_dir, f"sample_{i:05d}.png"), image)
+    viz.save_png(os.path.join(out_dir, "grid.png"), sample_grid(images[:64], result["grain"][:64]))
+    settings = {f"setting_{k}": np.asarray(v) for k, v in _settings(config, sampling_cfg,
+                                                                    step).items()}
+    np.savez(npz_path, codes=result["codes"].astype(np.int32),
+             grain=result["grain"].astype(np.int32),
+             labels=(np.full(count, -1, np.int32) if labels is None else labels),
+             images=images, length=result["length"].astype(np.int32), **settings)
+    with open(os.path.join(out_dir, "settings.json"), "w") as f:
+      json.dump(_settings(config, sampling_cfg, step), f, indent=1)
+  logging.info("Wrote %d samples to %s", count, out_dir)
+  return npz_path
+
+
+def _settings(config: Any, sampling_cfg: sampling.SamplingConfig, step: int) -> dict:
+  return {**dataclasses.asdict(sampling_cfg), "seed": int(config.sample.seed),
+          "checkpoint_step": step, "labels": str(config.sample.get("labels", ""))}
+
+
+def encode(config: Any, workdir: str) -> dict:
+  """Encode mode: token shards of the train and eval splits under `tokens.dir`
+  (default WORKDIR/tokens). Returns {split: encode_dataset's result}."""
+  stage1 = load_stage1(config)
+  data_cfg = resolve_data_config(config, stage1)
+  layout = make_layout(config, stage1, data_cfg)
+  out_dir = tokens_dir(config, workdir)
+  results = {}
+  for split in ("train", "eval"):
+    results[split] = encode_split(config, stage1, data_cfg, layout, out_dir, split)
+  return results
