@@ -65,7 +65,14 @@ def restore_params_from(path: str) -> dict:
     if step is None:
       raise FileNotFoundError(f"config.init_from: no checkpoint under {path}")
     state_dir = os.path.join(path, str(step), "state")
-  return ocp.StandardCheckpointer().restore(state_dir)
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(state_dir)
+  metadata = getattr(metadata, "item_metadata", metadata)
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  # Restore onto one local device, whatever mesh or process count wrote the checkpoint.
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
+                        metadata, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+  return checkpointer.restore(state_dir, target)
 
 
 def _has_item(manager, step, name) -> bool:
