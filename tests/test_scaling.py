@@ -91,3 +91,52 @@ def test_checkpoint_moves_between_meshes(tmp_path):
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     assert a.sharding.mesh.shape == other.shape
     np.testing.assert_array_equal(jax.device_get(a), jax.device_get(b))
+
+
+def _stage2_step(mesh, microbatches=1):
+  from dq.stage2.build import build_transformer
+  from dq.train import transformer_step as ts
+  from test_train_transformer import LAYOUT, random_batch, tiny_model_config
+  from dq.configs import transformer_base_config
+  optim = transformer_base_config().optim
+  optim.update(dict(lr=1e-2, eps=1e-3, schedule="constant", warmup_steps=0))
+  model = build_transformer(tiny_model_config(), LAYOUT)
+  tx, schedule = ts.make_transformer_optimizer(optim, 10)
+  init_fn = ts.make_init_fn(model, tx, LAYOUT)
+  rng = jax.random.PRNGKey(0)
+  shardings = sh.state_shardings_from_config(jax.eval_shape(init_fn, rng), mesh,
+                                             {"fsdp_min_size": 512})
+  state = jax.jit(init_fn, out_shardings=shardings)(rng)
+  update_fn = ts.make_update_fn(model, tx, schedule, layout=LAYOUT, label_dropout=0.25,
+                                class_conditional=True, microbatches=microbatches)
+  step = jax.jit(update_fn, in_shardings=(shardings, sh.batch_sharding(mesh)),
+                 out_shardings=(shardings, sh.replicated(mesh)))
+  batch = {k: v for k, v in random_batch(LAYOUT, 16, seed=3).items()}
+  return step(state, sh.shard_batch(batch, mesh))
+
+
+@pytest.fixture(scope="module")
+def stage2_single_device():
+  state, metrics = _stage2_step(sh.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1]))
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("data,fsdp,microbatches", [(8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1),
+                                                    (1, 1, 4), (2, 4, 2)])
+def test_stage2_step_is_mesh_and_microbatch_invariant(stage2_single_device, data, fsdp,
+                                                      microbatches):
+  reference_state, reference_metrics = stage2_single_device
+  devices = jax.devices()[:data * fsdp]
+  state, metrics = _stage2_step(sh.make_mesh({"data": data, "fsdp": fsdp}, devices),
+                                microbatches)
+  metrics = jax.device_get(metrics)
+  for name in ("loss", "content_loss", "coarse_position_loss", "fine_position_loss",
+               "content_accuracy", "position_accuracy", "grad_norm", "null_label_fraction"):
+    np.testing.assert_allclose(metrics[name], reference_metrics[name], rtol=RTOL, err_msg=name)
+  if fsdp > 1:
+    mlp = state.params["content_block_0"]["mlp_fc"]["kernel"]  # [32, 128]
+    assert "fsdp" in mlp.sharding.spec
+    assert {s.data.size for s in mlp.addressable_shards} == {mlp.size // fsdp}
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(state.params)),
+                          jax.tree.leaves(reference_state.params)):
+    np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=jax.tree_util.keystr(path))

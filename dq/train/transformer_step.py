@@ -72,22 +72,52 @@ def apply_label_dropout(content: jax.Array, rng: jax.Array, rate: float,
   return content.at[:, 0].set(sos.astype(content.dtype)), dropped
 
 
-def _masked_accuracy(logits: jax.Array, targets: jax.Array, keep: jax.Array) -> jax.Array:
-  hits = (jnp.argmax(logits, axis=-1) == targets) & keep
-  return jnp.sum(hits) / jnp.maximum(jnp.sum(keep), 1)
+def _term_masks(packed: dict) -> dict[str, jax.Array]:
+  """Targets of each loss term: content (every next token), coarse and fine positions."""
+  keep = packed["valid"][:, 1:]  # [B, L - 1]
+  next_segment = packed["segment"][:, 1:]
+  return {"content": keep, "coarse": keep & (next_segment == 0),
+          "fine": keep & (next_segment == 1)}
 
 
 def make_update_fn(model: StackedTransformer, tx: optax.GradientTransformation,
                    schedule: optax.Schedule, *, layout: TokenLayout, label_dropout: float,
-                   class_conditional: bool):
+                   class_conditional: bool, microbatches: int = 1):
   """Builds update_fn(state, batch) -> (state, metrics); jit it with shardings and
-  `donate_argnums=0`. Extra batch keys (e.g. 'label') are ignored."""
+  `donate_argnums=0`. Extra batch keys (e.g. 'label') are ignored.
+
+  `microbatches` > 1 accumulates gradients over that many equal slices of the batch (a
+  `lax.scan`); each loss term is normalised by the whole batch's token count, so the step equals
+  the one-slice step up to float rounding (dropout masks differ per slice).
+  """
   if class_conditional != (layout.num_classes > 0):
     raise ValueError(f"class_conditional={class_conditional} but the token layout has "
                      f"num_classes={layout.num_classes}")
   if not 0.0 <= label_dropout <= 1.0:
     raise ValueError(f"config.label_dropout must lie in [0, 1]; got {label_dropout}")
+  if microbatches < 1:
+    raise ValueError(f"config.train.microbatches must be >= 1; got {microbatches}")
   drop_labels = class_conditional and label_dropout > 0
+
+  def slice_loss(params, packed, counts, rng):
+    """Loss of one slice with every term divided by the full batch's count, and statistics."""
+    position_logits, content_logits = model.apply(
+        {"params": params}, packed["content"], packed["position"], packed["segment"],
+        deterministic=False, rngs={"dropout": rng}, method="forward_packed")
+    masks = _term_masks(packed)
+    means = packed_losses(position_logits, content_logits, packed)
+    sums = {term: means[f"{name}_loss"] * jnp.sum(masks[term]) for term, name in (
+        ("content", "content"), ("coarse", "coarse_position"), ("fine", "fine_position"))}
+    scaled = {term: sums[term] / jnp.maximum(counts[term], 1) for term in sums}
+    loss = scaled["content"] + (scaled["coarse"] + scaled["fine"]) / 2
+    keep = masks["content"]
+    hits = {
+        "content": jnp.sum((jnp.argmax(content_logits, -1) == packed["content"][:, 1:]) & keep),
+        "position": jnp.sum((jnp.argmax(position_logits, -1) == packed["position"][:, 1:]) & keep),
+    }
+    return loss, (scaled, hits)
+
+  grad_fn = jax.value_and_grad(slice_loss, has_aux=True)
 
   def update_fn(state: TransformerState, batch: dict) -> tuple[TransformerState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
@@ -98,24 +128,33 @@ def make_update_fn(model: StackedTransformer, tx: optax.GradientTransformation,
       packed["content"], dropped = apply_label_dropout(packed["content"], label_rng,
                                                        label_dropout, layout.null_class_sos)
       metrics["null_label_fraction"] = jnp.mean(dropped.astype(jnp.float32))
+    counts = {term: jnp.sum(mask) for term, mask in _term_masks(packed).items()}
+    if microbatches == 1:
+      (loss, (scaled, hits)), grads = grad_fn(state.params, packed, counts, dropout_rng)
+    else:
+      batch_size = packed["content"].shape[0]
+      if batch_size % microbatches:
+        raise ValueError(f"batch size {batch_size} is not divisible by "
+                         f"config.train.microbatches={microbatches}")
+      slices = jax.tree.map(
+          lambda x: x.reshape(microbatches, batch_size // microbatches, *x.shape[1:]), packed)
 
-    def loss_fn(params):
-      position_logits, content_logits = model.apply(
-          {"params": params}, packed["content"], packed["position"], packed["segment"],
-          deterministic=False, rngs={"dropout": dropout_rng}, method="forward_packed")
-      losses = packed_losses(position_logits, content_logits, packed)
-      loss = losses["content_loss"] + losses["position_loss"]
-      return loss, (losses, position_logits, content_logits)
+      def accumulate(carry, inputs):
+        index, piece = inputs
+        out, grads = grad_fn(state.params, piece, counts, jax.random.fold_in(dropout_rng, index))
+        return jax.tree.map(jnp.add, carry, (out, grads)), None
 
-    (loss, (losses, position_logits, content_logits)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+      zero_out = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          grad_fn, state.params, jax.tree.map(lambda x: x[0], slices), counts, dropout_rng))
+      (loss, (scaled, hits)), grads = jax.lax.scan(
+          accumulate, zero_out, (jnp.arange(microbatches), slices))[0]
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    keep = packed["valid"][:, 1:]  # [B, L - 1] targets inside each sequence
-    metrics.update(loss=loss, **losses)
-    metrics["content_accuracy"] = _masked_accuracy(content_logits, packed["content"][:, 1:], keep)
-    metrics["position_accuracy"] = _masked_accuracy(position_logits, packed["position"][:, 1:],
-                                                    keep)
+    coarse, fine = scaled["coarse"], scaled["fine"]
+    metrics.update(loss=loss, content_loss=scaled["content"], coarse_position_loss=coarse,
+                   fine_position_loss=fine, position_loss=(coarse + fine) / 2)
+    metrics["content_accuracy"] = hits["content"] / jnp.maximum(counts["content"], 1)
+    metrics["position_accuracy"] = hits["position"] / jnp.maximum(counts["content"], 1)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["lr"] = schedule(state.step)
     metrics["tokens"] = jnp.sum(packed["valid"]).astype(jnp.float32)  # valid tokens in the batch

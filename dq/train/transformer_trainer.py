@@ -217,7 +217,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TransformerState:
                                           env["tokens"], env["manager"])
   update_fn = make_update_fn(env["model"], env["tx"], env["schedule"], layout=layout,
                              label_dropout=config.label_dropout,
-                             class_conditional=config.class_conditional)
+                             class_conditional=config.class_conditional,
+                             microbatches=config.train.get("microbatches", 1))
   train_step = jax.jit(update_fn, in_shardings=(env["state_shardings"], sh.batch_sharding(mesh)),
                        out_shardings=(env["state_shardings"], sh.replicated(mesh)),
                        donate_argnums=0)
