@@ -28,6 +28,7 @@ from dq.stage2 import token_data
 from dq.stage2.build import build_transformer
 from dq.stage2.tokens import TokenLayout, unpack_tokens_jax
 from dq.train import checkpoint as ckpt
+from dq.train import throughput
 from dq.train.progress import Progress
 from dq.train.state import abstract_with_shardings, sharded_init
 from dq.train.transformer_step import (PACKED_KEYS, TransformerState, make_init_fn,
@@ -236,6 +237,9 @@ def train_and_evaluate(config: Any, workdir: str) -> TransformerState:
                jax.device_count(), config.tokens.dir or "encoded on the fly", layout.max_len,
                layout.num_classes)
   progress = Progress(total, start, every=config.train.log_every)
+  # Model FLOPs of one step over the static [B, max_len] batch (for the logged MFU).
+  step_flops = (throughput.model_flops_per_token(env["model"], layout.max_len - 1)
+                * config.train.batch_size * (layout.max_len - 1))
   t_log, s_log = time.perf_counter(), start
   token_count = jnp.zeros((), jnp.float32)
   for step in range(start + 1, total + 1):
@@ -250,6 +254,9 @@ def train_and_evaluate(config: Any, workdir: str) -> TransformerState:
       scalars["steps_per_sec"] = (step - s_log) / elapsed
       scalars["examples_per_sec"] = scalars["steps_per_sec"] * config.train.batch_size
       scalars["tokens_per_sec"] = float(jax.device_get(token_count)) / elapsed
+      utilisation = throughput.mfu(step_flops, scalars["steps_per_sec"], jax.devices())
+      if utilisation is not None:
+        scalars["mfu"] = utilisation
       scalars.update(_skip_counts())
       t_log, s_log, token_count = now, step, jnp.zeros((), jnp.float32)
       _check_finite(scalars, step, manager)

@@ -21,6 +21,7 @@ from dq.data import pipeline
 from dq.evaluation import vae_eval
 from dq.models.build import build_dqvae
 from dq.train import checkpoint as ckpt
+from dq.train import throughput
 from dq.train.optim import make_optimizer
 from dq.train.progress import Progress
 from dq.train.state import TrainState, abstract_with_shardings, sharded_init
@@ -200,16 +201,23 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
   logging.info("Training from step %d to %d (batch %d on %d devices)", start, total,
                config.train.batch_size, jax.device_count())
   progress = Progress(total, start, every=config.train.log_every)
+  step_flops = None  # XLA's count of one step, measured once when the device peak is known
   t_log, s_log = time.perf_counter(), start
   for step in range(start + 1, total + 1):
     batch = next(train_iter)
-    state, metrics = train_step(state, sh.shard_batch({"image": batch["image"]}, mesh), frozen)
+    device_batch = sh.shard_batch({"image": batch["image"]}, mesh)
+    state, metrics = train_step(state, device_batch, frozen)
     progress(step)
     if step % config.train.log_every == 0 or step == total:
       scalars = jax.device_get(metrics)
       now = time.perf_counter()
       scalars["steps_per_sec"] = (step - s_log) / max(now - t_log, 1e-9)
       scalars["examples_per_sec"] = scalars["steps_per_sec"] * config.train.batch_size
+      if step_flops is None and throughput.device_peak_flops(jax.devices()[0]):
+        step_flops = throughput.compiled_flops(train_step, state, device_batch, frozen)
+      utilisation = throughput.mfu(step_flops or 0.0, scalars["steps_per_sec"], jax.devices())
+      if step_flops and utilisation is not None:
+        scalars["mfu"] = utilisation
       scalars.update(_skip_counts())
       t_log, s_log = now, step
       _check_finite(scalars, step, manager)
