@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Accelerator check in one go (~8 minutes on one H200): a short demo training run end to end
+# Accelerator check in one go (~8 minutes on one H200 before the stage-2 lines; budget ~10 more): a short demo training run end to end
 # (checkpoint + eval, no TensorFlow needed), then step benchmarks of the reference and paper-size
 # configs, each bounded by its own timeout. JSON lines and logs go to ${OUT:-/tmp/out}.
 #   bash benchmarks/gpu_suite.sh
@@ -19,4 +19,9 @@ for args in "--batch 2" "--batch 2 --precision highest" "--batch 2 --full_loss" 
   # shellcheck disable=SC2086
   timeout 150 python3 benchmarks/vae_step.py --steps 10 $args 2>>"$out/bench.log" | tee -a "$out/bench.jsonl"
 done
+for args in "--stage 2 --batch 32" "--stage 2 --batch 32 --attention cudnn" "--stage 1 --batch 16"; do
+  # shellcheck disable=SC2086
+  timeout 240 python3 benchmarks/train_throughput.py --steps 10 $args 2>>"$out/bench.log" | tee -a "$out/bench.jsonl"
+done
+timeout 240 python3 benchmarks/sampling.py --batches 1,8 --repeats 3 2>>"$out/bench.log" | tee -a "$out/bench.jsonl"
 true
