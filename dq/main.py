@@ -1,7 +1,7 @@
 """Entry point: `python -m dq.main --config=configs/ffhq_vae.py[:arg] --workdir=DIR`.
 
 Stage 1 (`config.stage='vae'`): modes train, eval. Stage 2 (`'transformer'`): modes train,
-sample, encode (`--config.mode=sample`).
+sample, encode (`--config.mode=sample`). FID jobs (`'fid'`): modes reference, stage1, stage2.
 
 Parses flags and dispatches on `config.stage` and `config.mode`; nothing else.
 """
@@ -38,8 +38,11 @@ def main(argv):
     from dq.train import transformer_trainer as trainer
     modes = {"train": trainer.train_and_evaluate, "sample": trainer.sample,
              "encode": trainer.encode}
+  elif config.stage == "fid":
+    from dq.evaluation import fid_jobs as trainer
+    modes = {"reference": trainer.reference, "stage1": trainer.stage1, "stage2": trainer.stage2}
   else:
-    raise ValueError(f"config.stage={config.stage!r}: expected 'vae' or 'transformer'")
+    raise ValueError(f"config.stage={config.stage!r}: expected 'vae', 'transformer' or 'fid'")
   if config.mode not in modes:
     raise ValueError(f"config.mode={config.mode!r}: expected one of {sorted(modes)} for stage "
                      f"{config.stage!r}")
