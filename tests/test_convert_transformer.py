@@ -55,3 +55,26 @@ def test_bad_arguments_and_files_name_the_problem(tmp_path, official, capsys):
   assert "content vocabulary has 67 ids" in capsys.readouterr().err
   with pytest.raises(FileNotFoundError, match="no params.npz"):
     conv.load_converted_transformer(str(tmp_path))
+
+
+def test_converted_folder_initialises_a_training_state(tmp_path, official):
+  from dq.stage2.build import build_transformer, default_transformer_config
+  from dq.train import transformer_step as ts
+  from dq.train.transformer_trainer import init_params_from
+  from dq.configs import transformer_base_config
+  out = tmp_path / "converted"
+  assert conv.main([str(_dualformer_checkpoint(tmp_path, official)), str(out), "--n_head",
+                    "4"]) == 0
+  params, config = conv.load_converted_transformer(str(out))
+  layout = TokenLayout(**config["layout"])  # max_len 68: block_size 67 < the official 128
+  model_cfg = default_transformer_config()
+  model_cfg.update({k: config["model"][k] for k in ("n_embd", "n_head", "position_layers",
+                                                     "content_layers")})
+  model = build_transformer(model_cfg, layout)
+  tx, _ = ts.make_transformer_optimizer(transformer_base_config().optim, 10)
+  init_fn = ts.make_init_fn(model, tx, layout)
+  state = jax.jit(init_fn)(jax.random.PRNGKey(0))
+  state = init_params_from(str(out), state, jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
+  np.testing.assert_array_equal(state.params["pos_emb"], params["pos_emb"][:, :67])
+  np.testing.assert_array_equal(state.params["content_block_2"]["mlp_fc"]["kernel"],
+                                params["content_block_2"]["mlp_fc"]["kernel"])

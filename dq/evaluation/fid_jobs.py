@@ -567,11 +567,14 @@ def stage2(config: Any, workdir: str, inception_params: Optional[inc.Params] = N
   generator = load_generator(config)
   data_cfg = data_config(config, generator.stage1.image_size)
   ref_path = reference_path(config, workdir)
-  if not os.path.isfile(ref_path):
+  if os.path.isfile(ref_path):
+    reference_mu, reference_sigma = fid.load_stats(ref_path, inc.FEATURE_DIM)
+    real_features = reference_features(ref_path)
+  else:  # every process computes them (no shared file system needed); process 0 writes
     logging.info("No reference statistics at %s: computing them first", ref_path)
-    write_reference(config, data_cfg, ref_path, params)
-  reference_mu, reference_sigma = fid.load_stats(ref_path, inc.FEATURE_DIM)
-  real_features = reference_features(ref_path)
+    computed = write_reference(config, data_cfg, ref_path, params)
+    reference_mu, reference_sigma = computed["mu"], computed["sigma"]
+    real_features = computed["features"]
 
   count = int(config.fid.num_images)
   batch_size = int(config.sample.batch_size)

@@ -168,8 +168,17 @@ def _make_batch_encoder(stage1: stage1_lib.Stage1, layout: TokenLayout, fine_ord
 
 def init_params_from(path: str, state: TransformerState, abstract: TransformerState
                      ) -> TransformerState:
-  """Params of another stage-2 run (workdir or checkpoint folder); step and optimizer fresh."""
-  params = ckpt.restore_params_from(path)["params"]
+  """Params of another stage-2 run (workdir or checkpoint folder) or of a folder written by
+  `python -m dq.tools.convert_official_transformer`; step and optimizer fresh. A longer
+  converted `pos_emb` (official block_size) is cut to this layout's length."""
+  from dq.tools import convert_official_transformer as convert
+  if os.path.isfile(os.path.join(path, convert.PARAMS_FILE)):
+    params, _ = convert.load_converted_transformer(path)
+    wanted = abstract.params["pos_emb"].shape[1]
+    if params["pos_emb"].shape[1] > wanted:
+      params["pos_emb"] = params["pos_emb"][:, :wanted]
+  else:
+    params = ckpt.restore_params_from(path)["params"]
   if jax.tree.structure(params) != jax.tree.structure(abstract.params) or any(
       np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(params),
                                              jax.tree.leaves(abstract.params))):
