@@ -11,7 +11,7 @@ TFDS build (`:tfds`):  --config.data.tfds.data_dir=/data/tfds   (imagenet2012, A
 Args (comma-separated): `stage1=PATH`, `tfds`, `tiny` (small model and steps for a smoke
 test), `embedded` (the embedded data and its 9 classes). Image size and grids come from stage 1.
 """
-from dq.configs import parse_arg, transformer_base_config
+from dq.configs import parse_arg, transformer_base_config, transformer_paper_sizes
 
 
 def get_config(arg=None):
@@ -30,16 +30,4 @@ def get_config(arg=None):
     config.data.folder.labels_from_subfolders = True
   config.class_conditional = True  # classes counted from the data (1000 for ImageNet)
   config.label_dropout = 0.1
-  config.model.update(dict(n_embd=1024, n_head=8, position_layers=6, content_layers=18,
-                           dropout=0.1))
-  config.train.update(dict(batch_size=64, num_steps=500_000, log_every=100, sample_every=10_000,
-                           sample_images=16, checkpoint_every=5000))
-  config.optim.update(dict(lr=5e-4, warmup_steps=5000))
-  config.sample.update(dict(num_images=1000, batch_size=32))
-  if arg.tiny:
-    config.model.update(dict(n_embd=64, n_head=4, position_layers=1, content_layers=2))
-    config.train.update(dict(batch_size=8, num_steps=20, log_every=5, sample_every=10,
-                             sample_images=4, checkpoint_every=10))
-    config.optim.warmup_steps = 0
-    config.sample.update(dict(num_images=8, batch_size=4))
-  return config
+  return transformer_paper_sizes(config, arg.tiny, num_steps=500_000)

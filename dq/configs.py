@@ -154,3 +154,22 @@ def transformer_base_config() -> ml_collections.ConfigDict:
       **dataclasses.asdict(SamplingConfig())))
   config.sample.fine_order = config.tokens.get_ref("fine_order")  # follows the training order
   return config
+
+
+def transformer_paper_sizes(config: ml_collections.ConfigDict, tiny: bool,
+                            num_steps: int) -> ml_collections.ConfigDict:
+  """The official base DQ-Transformer (d 1024, 8 heads, 6 + 18 layers, dropout 0.1) and its
+  schedule; `tiny`: a smoke-test size that runs in seconds."""
+  config.model.update(dict(n_embd=1024, n_head=8, position_layers=6, content_layers=18,
+                           dropout=0.1))
+  config.train.update(dict(batch_size=64, num_steps=num_steps, log_every=100,
+                           sample_every=10_000, sample_images=16, checkpoint_every=5000))
+  config.optim.update(dict(lr=5e-4, warmup_steps=5000))
+  config.sample.update(dict(num_images=1000, batch_size=32))
+  if tiny:
+    config.model.update(dict(n_embd=64, n_head=4, position_layers=1, content_layers=2))
+    config.train.update(dict(batch_size=8, num_steps=20, log_every=5, sample_every=10,
+                             sample_images=4, checkpoint_every=10))
+    config.optim.warmup_steps = 0
+    config.sample.update(dict(num_images=8, batch_size=4))
+  return config
