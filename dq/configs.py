@@ -61,7 +61,9 @@ def vae_base_config() -> ml_collections.ConfigDict:
       warmup_steps=0, schedule="cosine", end_factor=0.0, grad_clip=0.0))
   config.train = ml_collections.ConfigDict(dict(
       batch_size=32, num_steps=100_000, log_every=50, summary_every=1000, summary_images=8,
-      checkpoint_every=1000, keep_checkpoints=3, async_checkpointing=True, tensorboard=True))
+      checkpoint_every=1000, keep_checkpoints=3, async_checkpointing=True, tensorboard=True,
+      skip_nonfinite=False,        # True: a non-finite step is skipped and counted, not fatal
+      dead_code_warning=0.9))      # warn once when more of the codebook than this is dead
   config.eval = ml_collections.ConfigDict(dict(batch_size=32, at_end=True, max_images=0,
                                                lpips=True))
   return config
@@ -146,7 +148,8 @@ def transformer_base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(dict(
       batch_size=32, num_steps=100_000, log_every=50, sample_every=5000, sample_images=16,
       checkpoint_every=1000, keep_checkpoints=3, async_checkpointing=True, tensorboard=True,
-      microbatches=1))                # gradient accumulation over this many batch slices
+      microbatches=1,                 # gradient accumulation over this many batch slices
+      skip_nonfinite=False))          # True: a non-finite step is skipped and counted, not fatal
   config.sample = ml_collections.ConfigDict(dict(
       num_images=64, batch_size=16, seed=0,
       labels="",                   # '': cycle over the classes; or '3,3,7'

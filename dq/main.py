@@ -3,7 +3,8 @@
 Stage 1 (`config.stage='vae'`): modes train, eval. Stage 2 (`'transformer'`): modes train,
 sample, encode (`--config.mode=sample`). FID jobs (`'fid'`): modes reference, stage1, stage2.
 
-Parses flags and dispatches on `config.stage` and `config.mode`; nothing else.
+Parses flags, validates the config (`dq.validate`, before anything is built or compiled) and
+dispatches on `config.stage` and `config.mode`; nothing else.
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,9 +23,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from dq import distributed
+  from dq import distributed, validate
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)
+  validate.validate_config(FLAGS.config)
   import jax
   config = FLAGS.config
   if config.get("matmul_precision"):

@@ -47,10 +47,11 @@ def make_eval_fn(model, num_grains: int, with_lpips: bool = False):
 
 def evaluate_vae(model, variables: Any, data_cfg: Any, *, mesh, batch_size: int,
                  num_grains: int, codebook_size: int, max_images: int | None = None,
-                 lpips_params: Any = None) -> dict:
+                 lpips_params: Any = None, per_image: bool = False) -> dict:
   """Runs the eval split once (last batch padded) and returns a JSON-able dict.
 
-  With `lpips_params` (LPIPS VGG16 weights) the per-image LPIPS distance is reported too."""
+  With `lpips_params` (LPIPS VGG16 weights) the per-image LPIPS distance is reported too.
+  With `per_image`, the dict also holds `fine_ratio_per_image` (float [N], not JSON-able)."""
   dp = sh.data_parallel_size(mesh)
   if batch_size % dp:
     raise ValueError(f"config.eval.batch_size={batch_size} must be divisible by the "
@@ -90,6 +91,9 @@ def evaluate_vae(model, variables: Any, data_cfg: Any, *, mesh, batch_size: int,
                      with_detail_mask=with_mask)
   if with_lpips:
     result["lpips"] = float(cat["lpips"].mean())
+  if per_image:
+    grain = cat["grain"]  # [N, hc, wc]
+    result["fine_ratio_per_image"] = (grain == num_grains - 1).reshape(len(grain), -1).mean(1)
   return result
 
 

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from typing import Any, Callable, Optional
 
 import jax
@@ -22,6 +21,7 @@ import numpy as np
 from dq import sharding as sh
 from dq import viz
 from dq.data import pipeline
+from dq.stage2 import progressive
 from dq.stage2 import sampler as sampling
 from dq.stage2 import stage1 as stage1_lib
 from dq.stage2 import token_data
@@ -29,11 +29,11 @@ from dq.stage2.build import build_transformer
 from dq.stage2.tokens import TokenLayout, unpack_tokens_jax
 from dq.train import checkpoint as ckpt
 from dq.train import throughput
+from dq.train.loop import TrainLoop, check_batch_size, guard_nonfinite, save_config
 from dq.train.progress import Progress
 from dq.train.state import abstract_with_shardings, sharded_init
 from dq.train.transformer_step import (PACKED_KEYS, TransformerState, make_init_fn,
                                        make_transformer_optimizer, make_update_fn)
-from dq.train.vae_trainer import _check_finite, _save_config, _skip_counts, check_batch_size
 from dq.train.writers import create_writer
 
 NUM_GRAINS = 2  # the token layout is dual grain
@@ -221,7 +221,7 @@ def setup(config: Any, workdir: str):
 def train_and_evaluate(config: Any, workdir: str) -> TransformerState:
   """Trains the DQ-Transformer for `config.train.num_steps` with logs, sample grids and
   checkpoints; returns the final state."""
-  _save_config(config, workdir)
+  save_config(config, workdir)
   env = setup(config, workdir)
   layout, mesh, state, tokens, manager = (env["layout"], env["mesh"], env["state"],
                                           env["tokens"], env["manager"])
@@ -229,15 +229,17 @@ def train_and_evaluate(config: Any, workdir: str) -> TransformerState:
                              label_dropout=config.label_dropout,
                              class_conditional=config.class_conditional,
                              microbatches=config.train.get("microbatches", 1))
-  train_step = jax.jit(update_fn, in_shardings=(env["state_shardings"], sh.batch_sharding(mesh)),
+  train_step = jax.jit(guard_nonfinite(update_fn),
+                       in_shardings=(env["state_shardings"], sh.batch_sharding(mesh)),
                        out_shardings=(env["state_shardings"], sh.replicated(mesh)),
                        donate_argnums=0)
   writer = create_writer(workdir, tensorboard=config.train.get("tensorboard", True))
   sample_every = config.train.get("sample_every", 0)
-  generate = None
+  generate = decode_partial = None
   if sample_every and config.train.sample_images:
     generate = make_generate_fn(env["model"], layout, env["stage1"],
                                 sampling.sampling_config_from(config.sample))
+    decode_partial = progressive.make_partial_decode_fn(env["stage1"])
 
   start = int(jax.device_get(state.step))
   total = config.train.num_steps
@@ -245,35 +247,29 @@ def train_and_evaluate(config: Any, workdir: str) -> TransformerState:
                "max_len %d, %d classes)", start, total, config.train.batch_size,
                jax.device_count(), config.tokens.dir or "encoded on the fly", layout.max_len,
                layout.num_classes)
-  progress = Progress(total, start, every=config.train.log_every)
   # Model FLOPs of one step over the static [B, max_len] batch (for the logged MFU).
   step_flops = (throughput.model_flops_per_token(env["model"], layout.max_len - 1)
                 * config.train.batch_size * (layout.max_len - 1))
-  t_log, s_log = time.perf_counter(), start
   token_count = jnp.zeros((), jnp.float32)
-  for step in range(start + 1, total + 1):
-    batch = tokens.next(step)
-    state, metrics = train_step(state, batch)
-    token_count = token_count + metrics["tokens"]  # stays on device until the next log
-    progress(step)
-    if step % config.train.log_every == 0 or step == total:
-      scalars = jax.device_get(metrics)
-      now = time.perf_counter()
-      elapsed = max(now - t_log, 1e-9)
-      scalars["steps_per_sec"] = (step - s_log) / elapsed
-      scalars["examples_per_sec"] = scalars["steps_per_sec"] * config.train.batch_size
-      scalars["tokens_per_sec"] = float(jax.device_get(token_count)) / elapsed
-      utilisation = throughput.mfu(step_flops, scalars["steps_per_sec"], jax.devices())
-      if utilisation is not None:
-        scalars["mfu"] = utilisation
-      scalars.update(_skip_counts())
-      t_log, s_log, token_count = now, step, jnp.zeros((), jnp.float32)
-      _check_finite(scalars, step, manager)
-      writer.write_scalars(step, scalars)
-    if generate is not None and (step % sample_every == 0 or step == total):
-      _write_sample_grid(writer, generate, state.params, config, layout, step)
-    if step % config.train.checkpoint_every == 0 or step == total:
-      ckpt.save(manager, step, state, tokens.iterator)
+  with TrainLoop(config.train, manager, start) as loop:
+    for step in loop.steps():
+      batch = tokens.next(step)
+      state, metrics = train_step(state, batch)
+      token_count = token_count + metrics["tokens"]  # stays on device until the next log
+      loop.stepped(step, metrics)
+      if loop.log_due(step):
+        scalars = loop.log_scalars(step, metrics, config.train.batch_size)
+        scalars["tokens_per_sec"] = (float(jax.device_get(token_count))
+                                     / scalars["elapsed_since_log"])
+        utilisation = throughput.mfu(step_flops, scalars["steps_per_sec"], jax.devices())
+        if utilisation is not None:
+          scalars["mfu"] = utilisation
+        token_count = jnp.zeros((), jnp.float32)
+        writer.write_scalars(step, scalars)
+      if generate is not None and (step % sample_every == 0 or step == total):
+        _write_sample_grid(writer, generate, decode_partial, state.params, config, layout, step)
+      if loop.save_due(step):
+        ckpt.save(manager, step, state, tokens.iterator)
   manager.wait_until_finished()
   writer.flush()
   return state
@@ -282,7 +278,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TransformerState:
 def make_generate_fn(model: Any, layout: TokenLayout, stage1: stage1_lib.Stage1,
                      sampling_cfg: sampling.SamplingConfig
                      ) -> Callable[[Any, jax.Array, Any], dict]:
-  """(params, rng, labels [B] or batch size) -> host dict codes, grain, images, length."""
+  """(params, rng, labels [B] or batch size) -> host dict codes, grain, images, length and the
+  packed sequences as `packed_<field>` (content, position, segment, valid)."""
   sampler = sampling.make_sampler(model, layout, sampling_cfg)
   decode = stage1_lib.make_decode_fn(stage1)
   device = jax.local_devices()[0]
@@ -294,7 +291,8 @@ def make_generate_fn(model: Any, layout: TokenLayout, stage1: stage1_lib.Stage1,
     codes, grain = unpack_tokens_jax(packed, layout)  # [B, hf, wf], [B, hc, wc]
     images = decode(codes)  # [B, H, W, 3] in [-1, 1]
     return jax.device_get({"codes": codes, "grain": grain, "images": images,
-                           "length": packed["length"]})
+                           "length": packed["length"],
+                           **{f"packed_{k}": packed[k] for k in PACKED_KEYS}})
 
   return generate
 
@@ -345,7 +343,12 @@ def sample_grid(images: np.ndarray, grains: np.ndarray, columns: int = GRID_COLU
   return grid
 
 
-def _write_sample_grid(writer, generate, params, config, layout, step) -> None:
+def packed_of(out: dict) -> dict:
+  """The packed sequences of a `generate` result (its `packed_<field>` entries)."""
+  return {k: out[f"packed_{k}"] for k in PACKED_KEYS}
+
+
+def _write_sample_grid(writer, generate, decode_partial, params, config, layout, step) -> None:
   count = config.train.sample_images
   labels = sample_labels(config, layout, count)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.sample.seed), step)
@@ -353,8 +356,11 @@ def _write_sample_grid(writer, generate, params, config, layout, step) -> None:
   fine = float(np.mean(out["grain"]))
   writer.write_scalars(step, {"sample/fine_ratio": fine,
                               "sample/length": float(np.mean(out["length"]))})
+  strip = progressive.generation_strip(packed_of(out), layout, decode_partial, max_images=4,
+                                       scale=2)
   writer.write_images(step, {"samples": sample_grid(viz.to_uint8(out["images"]),
-                                                    out["grain"])[None]})
+                                                    out["grain"])[None],
+                             "generation_strip": strip[None]})
 
 
 def restore_params(config: Any, workdir: str, abstract_params: Any) -> tuple[Any, int, str]:
@@ -420,6 +426,9 @@ def sample(config: Any, workdir: str) -> str:
     for i, image in enumerate(images):
       viz.save_png(os.path.join(out_dir, f"sample_{i:05d}.png"), image)
     viz.save_png(os.path.join(out_dir, "grid.png"), sample_grid(images[:64], result["grain"][:64]))
+    viz.save_png(os.path.join(out_dir, "generation_strip.png"), progressive.generation_strip(
+        packed_of(result), layout, progressive.make_partial_decode_fn(stage1), max_images=4,
+        scale=2))
     settings = {f"setting_{k}": np.asarray(v) for k, v in _settings(config, sampling_cfg,
                                                                     step).items()}
     np.savez(npz_path, codes=result["codes"].astype(np.int32),

@@ -5,10 +5,8 @@ scratch. The step is jitted once with explicit shardings and the state donated.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from typing import Any
 
 import jax
@@ -23,7 +21,8 @@ from dq.models.build import build_dqvae
 from dq.train import checkpoint as ckpt
 from dq.train import throughput
 from dq.train.optim import make_optimizer
-from dq.train.progress import Progress
+from dq.train.loop import (TrainLoop, check_batch_size, guard_nonfinite, save_config,
+                           warn_codebook_collapse)
 from dq.train.state import TrainState, abstract_with_shardings, sharded_init
 from dq.train.vae_step import make_reconstruct_fn, make_update_fn
 from dq.train.writers import create_writer
@@ -135,21 +134,6 @@ def init_from(path: str, state: TrainState, abstract: TrainState,
   return state.replace(params=loaded["params"], codebook=loaded["codebook"], step=step)
 
 
-def check_batch_size(batch_size: int, mesh, field: str) -> int:
-  dp = sh.data_parallel_size(mesh)
-  if batch_size % dp or batch_size % jax.process_count():
-    raise ValueError(f"{field}={batch_size} must be divisible by the data-parallel size {dp} "
-                     f"and the process count {jax.process_count()}")
-  return batch_size // jax.process_count()
-
-
-def _save_config(config: Any, workdir: str) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
-
-
 def setup(config: Any, workdir: str):
   """Mesh, model, optimizer, state (resumed or fresh) and the train iterator."""
   mesh = sh.make_mesh(config.get("mesh"))
@@ -181,7 +165,7 @@ def setup(config: Any, workdir: str):
 
 def train_and_evaluate(config: Any, workdir: str) -> TrainState:
   """Trains stage 1 for `config.train.num_steps`, with summaries, checkpoints and evaluation."""
-  _save_config(config, workdir)
+  save_config(config, workdir)
   perceptual, frozen = make_perceptual(config)  # fails early when LPIPS weights are missing
   mesh, model, tx, schedule, state, state_shardings, train_iter, manager = setup(config, workdir)
   discriminator, disc_tx = make_discriminator(config)
@@ -189,7 +173,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
                              router_cfg=config.model.router, num_grains=config.model.num_grains,
                              discriminator=discriminator, disc_tx=disc_tx, perceptual=perceptual)
   repl = sh.replicated(mesh)
-  train_step = jax.jit(update_fn, in_shardings=(state_shardings, sh.batch_sharding(mesh), repl),
+  train_step = jax.jit(guard_nonfinite(update_fn),
+                       in_shardings=(state_shardings, sh.batch_sharding(mesh), repl),
                        out_shardings=(state_shardings, repl), donate_argnums=0)
   frozen = jax.device_put(frozen, repl)
   writer = create_writer(workdir, tensorboard=config.train.get("tensorboard", True))
@@ -200,33 +185,34 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
   total = config.train.num_steps
   logging.info("Training from step %d to %d (batch %d on %d devices)", start, total,
                config.train.batch_size, jax.device_count())
-  progress = Progress(total, start, every=config.train.log_every)
   step_flops = None  # XLA's count of one step, measured once when the device peak is known
-  t_log, s_log = time.perf_counter(), start
-  for step in range(start + 1, total + 1):
-    batch = next(train_iter)
-    device_batch = sh.shard_batch({"image": batch["image"]}, mesh)
-    state, metrics = train_step(state, device_batch, frozen)
-    progress(step)
-    if step % config.train.log_every == 0 or step == total:
-      scalars = jax.device_get(metrics)
-      now = time.perf_counter()
-      scalars["steps_per_sec"] = (step - s_log) / max(now - t_log, 1e-9)
-      scalars["examples_per_sec"] = scalars["steps_per_sec"] * config.train.batch_size
-      if step_flops is None and throughput.device_peak_flops(jax.devices()[0]):
-        step_flops = throughput.compiled_flops(train_step, state, device_batch, frozen)
-      utilisation = throughput.mfu(step_flops or 0.0, scalars["steps_per_sec"], jax.devices())
-      if step_flops and utilisation is not None:
-        scalars["mfu"] = utilisation
-      scalars.update(_skip_counts())
-      t_log, s_log = now, step
-      _check_finite(scalars, step, manager)
-      writer.write_scalars(step, scalars)
-    if config.train.summary_every and (step % config.train.summary_every == 0 or step == total):
-      _write_summary(writer, reconstruct, state, summary_images, config.model.num_grains, step)
-    if step % config.train.checkpoint_every == 0 or step == total:
-      ckpt.save(manager, step, state, train_iter)
+  collapse_warned = False
+  with TrainLoop(config.train, manager, start) as loop:
+    for step in loop.steps():
+      batch = next(train_iter)
+      device_batch = sh.shard_batch({"image": batch["image"]}, mesh)
+      state, metrics = train_step(state, device_batch, frozen)
+      loop.stepped(step, metrics)
+      if loop.log_due(step):
+        scalars = loop.log_scalars(step, metrics, config.train.batch_size)
+        if step_flops is None and throughput.device_peak_flops(jax.devices()[0]):
+          step_flops = throughput.compiled_flops(train_step, state, device_batch, frozen)
+        utilisation = throughput.mfu(step_flops or 0.0, scalars["steps_per_sec"], jax.devices())
+        if step_flops and utilisation is not None:
+          scalars["mfu"] = utilisation
+        if not collapse_warned:
+          collapse_warned = warn_codebook_collapse(
+              float(scalars["dead_fraction"]), config.train.get("dead_code_warning", 0.9), step)
+        writer.write_scalars(step, scalars)
+      if config.train.summary_every and (step % config.train.summary_every == 0
+                                         or step == total) and not loop.preempted:
+        _write_summary(writer, reconstruct, state, summary_images, config.model, step)
+      if loop.save_due(step):
+        ckpt.save(manager, step, state, train_iter)
   manager.wait_until_finished()
+  if loop.preempted:
+    writer.flush()
+    return state
 
   if config.eval.at_end:
     run_evaluation(config, workdir, model, state, mesh, writer)
@@ -247,8 +233,11 @@ def run_evaluation(config, workdir, model, state, mesh, writer) -> dict:
       model, {"params": state.params, "codebook": state.codebook}, config.data, mesh=mesh,
       batch_size=config.eval.batch_size, num_grains=config.model.num_grains,
       codebook_size=config.model.codebook_size, max_images=config.eval.get("max_images"),
-      lpips_params=lpips_params)
+      lpips_params=lpips_params, per_image=True)
+  fine = results.pop("fine_ratio_per_image")
   vae_eval.write_results(workdir, "reconstruction", step, results)
+  writer.write_images(step, {"eval/fine_ratio_distribution": viz.fine_ratio_distribution(
+      {"eval split": fine}, title=f"fine-grain ratio per eval image, step {step}")[None]})
   writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()
                               if isinstance(v, (int, float))})
   return results
@@ -287,24 +276,18 @@ def _summary_batch(config, mesh) -> np.ndarray | None:
   return next(iter(ds))["image"]
 
 
-def _write_summary(writer, reconstruct, state, images, num_grains, step) -> None:
+def _write_summary(writer, reconstruct, state, images, model_cfg, step) -> None:
+  """Reconstruction grid (input | reconstruction | error | grain map), code histogram and
+  fine-ratio distribution of the summary images."""
   if images is None:
     return
   out = jax.device_get(reconstruct({"params": state.params, "codebook": state.codebook},
                                    jnp.asarray(images)))
-  grid = viz.reconstruction_grid(np.asarray(images), np.asarray(out["xrec"]),
-                                 np.asarray(out["grain"]), num_grains)
-  writer.write_images(step, {"reconstruction": grid[None]})
-
-
-def _skip_counts() -> dict:
-  counts = pipeline.skipped_counts() if hasattr(pipeline, "skipped_counts") else {}
-  return {f"data/{k}": float(v) for k, v in counts.items()}
-
-
-def _check_finite(scalars: dict, step: int, manager) -> None:
-  bad = [k for k, v in scalars.items() if not np.all(np.isfinite(v))]
-  if bad:
-    raise FloatingPointError(
-        f"non-finite {', '.join(sorted(bad))} at step {step}; last good checkpoint: step "
-        f"{manager.latest_step()} in {manager.directory}")
+  num_grains = model_cfg.num_grains
+  grain, codes = np.asarray(out["grain"]), np.asarray(out["codes"])
+  grid = viz.reconstruction_grid(np.asarray(images), np.asarray(out["xrec"]), grain, num_grains)
+  histogram = viz.code_histogram(codes, grain, model_cfg.codebook_size, num_grains)
+  ratios = viz.fine_ratio_distribution(viz.fine_ratios(grain, num_grains),
+                                       title=f"fine-grain ratio per image, step {step}")
+  writer.write_images(step, {"reconstruction": grid[None], "code_histogram": histogram[None],
+                             "fine_ratio_distribution": ratios[None]})
