@@ -214,12 +214,22 @@ def test_resume_matches_uninterrupted_run(trained):
   assert all(r["tokens"] >= 8 * 20 for r in rows)  # every sequence has >= nc + 4 tokens
 
 
+def expected_strip_shape(rows):
+  """A coarse-to-fine strip of `rows` 32 px samples at scale 2: a caption band, then rows of
+  five 64 px frames (coarse, fine 25/50/75/100%) with 2 px separators."""
+  from dq import viz
+  return (viz.CAPTION_HEIGHT + 2 + rows * (2 * 32 + 2) - 2, 5 * (2 * 32 + 2) - 2, 3)
+
+
 def test_training_writes_sample_grids(trained):
   grids = glob.glob(os.path.join(trained["full_dir"], "summaries", "samples_*.png"))
   assert [os.path.basename(g) for g in grids] == ["samples_0000004.png"]
   from PIL import Image
   grid = np.asarray(Image.open(grids[0]))
   assert grid.shape == (32, 4 * 2 * 34 - 2, 3)  # one row of 4 (sample | grain overlay) pairs
+  strips = glob.glob(os.path.join(trained["full_dir"], "summaries", "generation_strip_*.png"))
+  assert [os.path.basename(s) for s in strips] == ["generation_strip_0000004.png"]
+  assert np.asarray(Image.open(strips[0])).shape == expected_strip_shape(4)
   sample_rows = [r for r in metric_rows(trained["full_dir"]) if "sample/fine_ratio" in r]
   assert len(sample_rows) == 1 and 0.0 <= sample_rows[0]["sample/fine_ratio"] <= 1.0
 
@@ -233,6 +243,9 @@ def test_sample_mode_writes_pngs_and_npz(stage1_dir, trained, tmp_path):
   pngs = sorted(os.listdir(tmp_path / "samples"))
   assert [p for p in pngs if p.startswith("sample_")] == [f"sample_{i:05d}.png" for i in range(5)]
   assert "grid.png" in pngs
+  from PIL import Image
+  strip = np.asarray(Image.open(tmp_path / "samples" / "generation_strip.png"))
+  assert strip.shape == expected_strip_shape(4)
   out = np.load(path)
   assert out["codes"].shape == (5, 8, 8) and out["grain"].shape == (5, 4, 4)
   assert out["images"].shape == (5, 32, 32, 3) and out["images"].dtype == np.uint8

@@ -57,6 +57,11 @@ def test_train_writes_summaries_and_eval(tmp_path):
   assert int(state.step) == 2
   pngs = os.listdir(tmp_path / "summaries")
   assert any(p.startswith("reconstruction_") and p.endswith(".png") for p in pngs)
+  from PIL import Image
+  shape = lambda name: np.asarray(Image.open(tmp_path / "summaries" / name)).shape
+  assert shape("code_histogram_0000002.png") == (4 * 200, 400, 3)  # one 4x2 in panel per image
+  assert shape("fine_ratio_distribution_0000002.png") == (300, 500, 3)
+  assert shape("eval/fine_ratio_distribution_0000002.png") == (300, 500, 3)
   result = json.load(open(tmp_path / "eval" / "reconstruction_0000002.json"))
   assert result["num_images"] == 16
   assert 0.0 <= result["fine_ratio_mean"] <= 1.0
