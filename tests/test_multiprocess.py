@@ -10,21 +10,13 @@ import time
 import jax
 import numpy as np
 
+from cli_util import tiny_vae_flags
 from dq.train.checkpoint import restore_params_from
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 STEPS = 6
-OVERRIDES = [
-    "--config=configs/demo_vae.py", "--config.data.image_size=32", "--config.model.resolution=32",
-    "--config.data.embedded.train_size=64", "--config.data.embedded.eval_size=16",
-    "--config.model.codebook_size=32", "--config.train.batch_size=8",
-    f"--config.train.num_steps={STEPS}", "--config.train.log_every=1",
-    "--config.train.summary_every=0", "--config.train.checkpoint_every=2",
-    "--config.train.async_checkpointing=False", "--config.train.tensorboard=False",
-    "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
-    "--config.optim.eps=0.001",  # keeps Adam's first updates ~linear in the gradient
-    "--config.eval.at_end=False",
-]
+OVERRIDES = tiny_vae_flags(
+    STEPS, 2, "--config.optim.eps=0.001")  # eps: Adam's first updates ~linear in the gradient
 # The one-process run and the two processes reduce gradients in a different order (in-process
 # all-reduce vs gloo), so parameters agree to float32 rounding, not bitwise.
 RTOL, ATOL = 1e-4, 1e-6

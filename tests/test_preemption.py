@@ -16,22 +16,14 @@ import jax
 import numpy as np
 import pytest
 
+from cli_util import tiny_vae_flags
 from dq.train import transformer_trainer as tt
 from dq.train.checkpoint import restore_params_from
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 STEPS = 8
 KILL_IN_SAVE_STEP = 6
-OVERRIDES = [
-    "--config=configs/demo_vae.py", "--config.data.image_size=32", "--config.model.resolution=32",
-    "--config.data.embedded.train_size=64", "--config.data.embedded.eval_size=16",
-    "--config.model.codebook_size=32", "--config.train.batch_size=8",
-    f"--config.train.num_steps={STEPS}", "--config.train.log_every=1",
-    "--config.train.summary_every=0", "--config.train.checkpoint_every=2",
-    "--config.train.async_checkpointing=False", "--config.train.tensorboard=False",
-    "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
-    "--config.eval.at_end=False",
-]
+OVERRIDES = tiny_vae_flags(STEPS, 2)
 # Runs dq.main with two test-only patches: each logged step sleeps a little (so the test's
 # SIGTERM lands mid-run), and with DQ_TEST_HANG_SAVE=N the save of step N writes its data, then
 # hangs before orbax's finalize/rename (the test SIGKILLs it there).
