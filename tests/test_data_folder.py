@@ -2,70 +2,13 @@
 import io
 import logging
 import os
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from bad_images import make_bad_folder, rgb
 from dq.data import config, decode, folder, pipeline, stats
-
-RNG = np.random.default_rng(0)
-
-
-def rgb(height: int, width: int) -> np.ndarray:
-  return RNG.integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def write_png16_rgb(path: str, array: np.ndarray) -> None:
-  """Minimal 16-bit RGB PNG writer (PIL cannot write this mode)."""
-  height, width, _ = array.shape
-
-  def chunk(tag: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + tag + data +
-            struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
-
-  rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
-  with open(path, "wb") as f:
-    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2,
-                                                               0, 0, 0)) +
-            chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
-
-
-def make_bad_folder(root: str) -> tuple[set[str], set[str]]:
-  """A folder of odd-but-valid images and corrupt files; returns (valid names, bad names)."""
-  os.makedirs(os.path.join(root, "sub"), exist_ok=True)
-  Image.fromarray(rgb(20, 30)).save(os.path.join(root, "good.png"))
-  Image.fromarray(rgb(24, 24)).save(os.path.join(root, "sub", "good.bmp"))
-  Image.fromarray(rgb(24, 26)).save(os.path.join(root, "sub", "good.webp"))
-  Image.fromarray(rgb(20, 22)).save(os.path.join(root, "good.TIFF"))
-  Image.new("CMYK", (30, 20), (10, 200, 30, 0)).save(os.path.join(root, "cmyk.jpg"))
-  Image.fromarray((np.arange(600).reshape(20, 30) * 100).astype(np.uint16)).save(
-      os.path.join(root, "gray16.png"))
-  write_png16_rgb(os.path.join(root, "rgb16.png"),
-                  RNG.integers(0, 65536, (10, 12, 3)).astype(np.uint16))
-  Image.fromarray(rgb(16, 16)[..., 0]).save(os.path.join(root, "gray.png"))
-  Image.fromarray(np.dstack([rgb(16, 16), np.full((16, 16), 128, np.uint8)])).save(
-      os.path.join(root, "rgba.png"))
-  Image.fromarray(rgb(16, 16)).convert("P", palette=Image.Palette.ADAPTIVE).save(
-      os.path.join(root, "palette.gif"))
-  Image.fromarray(rgb(1200, 1000)).save(os.path.join(root, "large.jpg"), quality=50)
-  with open(os.path.join(root, "notes.txt"), "w") as f:
-    f.write("not an image and not an image extension")
-  valid = {"good.png", "good.bmp", "good.webp", "good.TIFF", "cmyk.jpg", "gray16.png",
-           "rgb16.png", "gray.png", "rgba.png", "palette.gif", "large.jpg"}
-  open(os.path.join(root, "zero.png"), "wb").close()
-  buffer = io.BytesIO()
-  Image.fromarray(rgb(64, 64)).save(buffer, format="JPEG")
-  with open(os.path.join(root, "sub", "truncated.jpg"), "wb") as f:
-    f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
-  with open(os.path.join(root, "text.jpg"), "w") as f:
-    f.write("this is text, not a JPEG")
-  # 200M pixels: PIL refuses it as a decompression bomb (limit 2 * 89.5M), so it is skipped.
-  Image.new("1", (20000, 10000)).save(os.path.join(root, "bomb.png"))
-  bad = {"zero.png", "truncated.jpg", "text.jpg", "bomb.png"}
-  return valid, bad
 
 
 @pytest.fixture(scope="module")

@@ -491,6 +491,17 @@ def test_transformer_sampler_and_label_dropout(demo_stage1):
   assert len(lines) == 3, lines
 
 
+def test_sampler_settings_must_fit_the_model(demo_stage1):
+  config = demo_transformer(demo_stage1)
+  config.sample.content_top_k = 100_000
+  assert_fails(config, "config.sample.content_top_k", 100_000, "exceeds the content vocabulary "
+               "of the model (269 ids: codebook_size=256 + 3 special ids + 10 class ids)")
+  config.sample.content_top_k = 0
+  config.class_conditional = False
+  config.sample.guidance_scale = 3.0
+  assert_fails(config, "config.sample.guidance_scale", 3.0, "needs a class-conditional model")
+
+
 def test_stage_and_error_type():
   config = load_config("demo_vae.py")
   config.stage = "vqgan"

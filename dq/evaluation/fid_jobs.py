@@ -525,7 +525,8 @@ def load_generator(config: Any) -> Generator:
   tx, _ = transformer_step.make_transformer_optimizer(run.optim, run.train.num_steps)
   abstract = jax.eval_shape(transformer_step.make_init_fn(model, tx, layout),
                             jax.random.PRNGKey(0))
-  params, step, source = transformer_trainer.restore_params(run, path, abstract.params)
+  params, step, source = transformer_trainer.restore_params(run, path, abstract.params,
+                                                          layout)
   return Generator(model, layout, params, step, source, vae, run.tokens.fine_order)
 
 

@@ -22,6 +22,7 @@ mixes logits as `u + s * (c - u)` before masking.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import flax
@@ -77,18 +78,29 @@ def filter_logits(logits: jax.Array, legal: jax.Array, temperature: float, top_k
                   top_p: float) -> jax.Array:
   """Masks illegal ids to -inf, then applies temperature, top-k and top-p (nucleus).
 
+  Non-finite logits never make an illegal id come out: NaN counts as -inf, +inf as the
+  largest float32, and a row whose legal ids all have -inf (or NaN) logits falls back to a
+  uniform choice among its legal ids.
+
   Args:
-    logits: [B, N] float32; legal: [B, N] bool with at least one True per row.
-    temperature, top_k, top_p: static settings (temperature 0: keep only the argmax).
+    logits: [B, N] float; legal: [B, N] bool with at least one True per row.
+    temperature, top_k, top_p: static settings (temperature 0: keep only the argmax; top_k 0
+      or >= N: off; top_p 1: off).
 
   Returns:
     [B, N] logits to sample from (illegal and filtered ids are -inf).
   """
-  logits = jnp.where(legal, logits.astype(jnp.float32), NEG_INF)
+  logits = logits.astype(jnp.float32)
+  if temperature != 0:
+    logits = logits / temperature
+  logits = jnp.nan_to_num(logits, nan=NEG_INF, posinf=jnp.finfo(jnp.float32).max,
+                          neginf=NEG_INF)
+  logits = jnp.where(legal, logits, NEG_INF)
+  no_choice = ~jnp.any(logits > NEG_INF, axis=-1, keepdims=True)  # [B, 1]
+  logits = jnp.where(no_choice & legal, 0.0, logits)
   if temperature == 0:
     best = jnp.argmax(logits, axis=-1)
     return jnp.where(jnp.arange(logits.shape[-1]) == best[:, None], 0.0, NEG_INF)
-  logits = logits / temperature
   if 0 < top_k < logits.shape[-1]:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
     logits = jnp.where(logits >= kth, logits, NEG_INF)
@@ -142,6 +154,8 @@ class _Tables:
 
 
 def _tables(layout: tok.TokenLayout, fine_order: str) -> _Tables:
+  if fine_order not in tok.FINE_ORDERS:
+    raise ValueError(f"fine_order must be one of {tok.FINE_ORDERS}; got {fine_order!r}")
   order = (np.arange(layout.num_fine_cells) if fine_order == "row"
            else tok._fine_cells_of_regions(layout).reshape(-1))
   rank = np.empty_like(order)
@@ -155,6 +169,11 @@ def legal_positions(layout: tok.TokenLayout, state: SamplerState, fixed_fine: bo
 
   Works on the token at `state.index` and the coverage so far; exactly one id is legal when
   the next token is forced (fine SOS, padding, a full grid's EOS, fixed fine positions).
+  Every row has at least one legal id, whatever the state holds: ids are coarse cells or the
+  coarse EOS when the next segment is 0, fine cells or a fine special id when it is 1.
+
+  Raises:
+    ValueError: `fine_order` is not one of `tokens.FINE_ORDERS`.
   """
   nc, nf = layout.num_coarse_cells, layout.num_fine_cells
   tables = _tables(layout, fine_order)
@@ -310,23 +329,116 @@ def check_labels(layout: tok.TokenLayout, labels: Optional[np.ndarray]) -> None:
     raise ValueError(f"the model is class-conditional ({layout.num_classes} classes): pass "
                      "labels [B]")
   labels = np.asarray(labels)
-  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f"labels must be a 1-D integer array; got {labels.dtype} {labels.shape}")
-  if labels.size and (labels.min() < 0 or labels.max() > layout.num_classes):
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or not labels.size:
+    raise ValueError(f"labels must be a non-empty 1-D integer array; got {labels.dtype} "
+                     f"{labels.shape}")
+  if labels.min() < 0 or labels.max() > layout.num_classes:
     raise ValueError(f"labels must lie in [0, {layout.num_classes}] ({layout.num_classes} = "
                      f"null class); got range [{labels.min()}, {labels.max()}]")
+
+
+def _content_vocab_text(layout: tok.TokenLayout) -> str:
+  classes = f" + {layout.num_classes + 1} class ids" if layout.num_classes else ""
+  return f"codebook_size={layout.codebook_size} + 3 special ids{classes}"
+
+
+def check_sampling_fits(layout: tok.TokenLayout, config: SamplingConfig) -> None:
+  """Raises ValueError for settings that do not fit the model: guidance on an unconditional
+  model, a top-k above the size of its vocabulary."""
+  if layout.num_classes == 0 and config.guidance_scale != 1.0:
+    raise ValueError(f"sample.guidance_scale={config.guidance_scale} needs a class-conditional "
+                     "model, and this one is unconditional (num_classes=0); set it to 1.0 (no "
+                     "guidance)")
+  vocabularies = {
+      "position": (layout.fine_position_vocab_size,
+                   f"{layout.num_fine_cells} fine cells + 3 special ids"),
+      "content": (layout.content_vocab_size, _content_vocab_text(layout))}
+  for stream, (size, parts) in vocabularies.items():
+    top_k = getattr(config, f"{stream}_top_k")
+    if top_k > size:
+      raise ValueError(f"sample.{stream}_top_k={top_k} exceeds the {stream} vocabulary of the "
+                       f"model ({size} ids: {parts}); use 0 (off) or at most {size}")
+
+
+def _leaf_shape(params: Any, *keys: str) -> Optional[tuple[int, ...]]:
+  node = params
+  for key in keys:
+    if not isinstance(node, Mapping) or key not in node:
+      return None
+    node = node[key]
+  return tuple(np.shape(node))
+
+
+def check_checkpoint_matches_layout(params: Any, layout: tok.TokenLayout,
+                                    source: str = "the transformer params tree",
+                                    block_size: Optional[int] = None) -> None:
+  """Raises ValueError unless the layout-sized axes of a StackedTransformer params tree fit
+  `layout`: content vocabulary (codebook, specials, classes), coarse and fine position
+  vocabularies (grid cells + 3) and the sequence length (`block_size`, default max_len - 1).
+
+  Names what the checkpoint was trained for next to what the stage-1 model and config give,
+  so a stage-2 checkpoint paired with another DQ-VAE (`config.stage1.path`) is recognised.
+  Widths and depths are not checked here. `source` starts the message (e.g. 'checkpoint DIR').
+  """
+  if isinstance(params, Mapping) and "params" in params and "content_emb" not in params:
+    raise ValueError(f"{source}: pass the params tree itself, not {{'params': ...}}")
+  block_size = layout.max_len - 1 if block_size is None else block_size
+  grid = lambda cells, size, name: f"{cells} cells of the {size[0]}x{size[1]} {name} grid"
+  expected = {
+      ("content_emb", "embedding"): (
+          layout.content_vocab_size, "content vocabulary", _content_vocab_text(layout)),
+      ("content_coarse_pos_emb", "embedding"): (
+          layout.coarse_position_vocab_size, "coarse positions",
+          f"{grid(layout.num_coarse_cells, layout.coarse_size, 'coarse')} + 3 special ids"),
+      ("content_fine_pos_emb", "embedding"): (
+          layout.fine_position_vocab_size, "fine positions",
+          f"{grid(layout.num_fine_cells, layout.fine_size, 'fine')} + 3 special ids"),
+  }
+  problems = []
+  for keys, (size, name, parts) in expected.items():
+    shape = _leaf_shape(params, *keys)
+    if shape is None:
+      raise ValueError(f"{source} has no {'/'.join(keys)}: not a DQ-Transformer params tree")
+    if shape[0] != size:
+      problems.append(f"{name}: checkpoint {shape[0]} ids, expected {size} ({parts})")
+  pos_shape = _leaf_shape(params, "pos_emb")
+  if pos_shape is None:
+    raise ValueError(f"{source} has no pos_emb: not a DQ-Transformer params tree")
+  if pos_shape[1] != block_size:
+    problems.append(f"sequence length: checkpoint {pos_shape[1] + 1} tokens, expected "
+                    f"{block_size + 1} (tokens.max_len={layout.max_len})")
+  if problems:
+    raise ValueError(
+        f"{source} does not fit the token layout (trained for another one): "
+        f"{'; '.join(problems)}. "
+        "config.stage1.path must be the DQ-VAE the transformer was trained with (same "
+        "codebook size and grids), with the same classes (config.class_conditional, data) "
+        "and config.tokens.max_len")
 
 
 def make_sampler(model: StackedTransformer, layout: tok.TokenLayout,
                  config: SamplingConfig = SamplingConfig()) -> Callable[..., dict[str, jax.Array]]:
   """KV-cached sampler: `sampler(params, rng, labels_or_batch_size)` -> packed dict + length.
 
-  `labels_or_batch_size`: int32 labels [B] for a class-conditional layout, an int B for an
-  unconditional one. `params` is the model's params tree (not {'params': ...}).
+  `labels_or_batch_size`: int32 labels [B] for a class-conditional layout, an int B >= 1 for
+  an unconditional one. `params` is the model's params tree (not {'params': ...}).
+
+  Raises:
+    ValueError: the model was built for another layout, the settings do not fit it
+      (`check_sampling_fits`); when called: labels (`check_labels`), batch size or params
+      (`check_checkpoint_matches_layout`) do not fit.
   """
   if model.block_size < layout.max_len - 1:
     raise ValueError(f"model block_size={model.block_size} < max_len - 1 = "
                      f"{layout.max_len - 1} of the token layout")
+  sizes = {"vocab_size": layout.content_vocab_size,
+           "coarse_position_size": layout.coarse_position_vocab_size,
+           "fine_position_size": layout.fine_position_vocab_size}
+  for field, size in sizes.items():
+    if getattr(model, field) != size:
+      raise ValueError(f"model {field}={getattr(model, field)} but the token layout needs "
+                       f"{size}; build the model with build_transformer(config, layout)")
+  check_sampling_fits(layout, config)
 
   def position_fn(params, state, inputs):
     hidden, logits, cache = model.apply(
@@ -349,8 +461,11 @@ def make_sampler(model: StackedTransformer, layout: tok.TokenLayout,
                         labels if conditional else None, batch, cache)
 
   def sampler(params, rng, labels_or_batch_size):
+    check_checkpoint_matches_layout(params, layout, block_size=model.block_size)
     if isinstance(labels_or_batch_size, (int, np.integer)):
       check_labels(layout, None)
+      if labels_or_batch_size < 1:
+        raise ValueError(f"batch size must be >= 1; got {labels_or_batch_size}")
       return run(params, rng, jnp.zeros((int(labels_or_batch_size),), jnp.int32))
     try:
       labels = np.asarray(labels_or_batch_size)

@@ -228,7 +228,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TransformerState:
   update_fn = make_update_fn(env["model"], env["tx"], env["schedule"], layout=layout,
                              label_dropout=config.label_dropout,
                              class_conditional=config.class_conditional,
-                             microbatches=config.train.get("microbatches", 1))
+                             microbatches=config.train.get("microbatches", 1),
+                             activation_sharding=sh.batch_sharding(mesh))
   train_step = jax.jit(guard_nonfinite(update_fn),
                        in_shardings=(env["state_shardings"], sh.batch_sharding(mesh)),
                        out_shardings=(env["state_shardings"], sh.replicated(mesh)),
@@ -363,8 +364,10 @@ def _write_sample_grid(writer, generate, decode_partial, params, config, layout,
                              "generation_strip": strip[None]})
 
 
-def restore_params(config: Any, workdir: str, abstract_params: Any) -> tuple[Any, int, str]:
-  """(params, step, source) from the latest checkpoint in the workdir, else `init_from`."""
+def restore_params(config: Any, workdir: str, abstract_params: Any,
+                   layout: Optional[TokenLayout] = None) -> tuple[Any, int, str]:
+  """(params, step, source) from the latest checkpoint in the workdir, else `init_from`; with
+  `layout`, a checkpoint trained for another stage 1 or token layout is named as such."""
   manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints, async_save=False)
   source = workdir if manager.latest_step() is not None else config.get("init_from")
   if not source:
@@ -373,6 +376,8 @@ def restore_params(config: Any, workdir: str, abstract_params: Any) -> tuple[Any
                             "--config.init_from=DIR")
   restored = ckpt.restore_params_from(source)
   params = restored["params"]
+  if layout is not None:
+    sampling.check_checkpoint_matches_layout(params, layout, f"checkpoint {source}")
   if jax.tree.structure(params) != jax.tree.structure(abstract_params) or any(
       np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(params),
                                              jax.tree.leaves(abstract_params))):
@@ -397,7 +402,7 @@ def sample(config: Any, workdir: str) -> str:
   labels = sample_labels(config, layout, count)
   tx, _ = make_transformer_optimizer(config.optim, config.train.num_steps)
   abstract = jax.eval_shape(make_init_fn(model, tx, layout), jax.random.PRNGKey(0))
-  params, step, source = restore_params(config, workdir, abstract.params)
+  params, step, source = restore_params(config, workdir, abstract.params, layout)
   params = jax.device_put(params, jax.local_devices()[0])  # once, not per batch
   generate = make_generate_fn(model, layout, stage1, sampling_cfg)
   logging.info("Sampling %d images in batches of %d from %s (step %d), %s", count, batch_size,

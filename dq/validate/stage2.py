@@ -152,9 +152,27 @@ def _check_transformer_stage1(c: Checker) -> None:
   if layout is not None and len(c.failures) == before:
     _check_token_meta(c, layout, num_classes)
     _check_transformer_init_from(c, layout, num_classes)
+    _check_sampling_fits(c, layout)
   else:
     c.existing("init_from", "any", "a stage-2 workdir, checkpoint folder or converted "
                "DQ-Transformer folder")
+
+
+def _check_sampling_fits(c: Checker, layout: Any) -> None:
+  """Sampler settings that do not fit the model (guidance without classes, top-k above the
+  vocabulary); their ranges are checked with the other sampling rules."""
+  from dq.stage2 import sampler
+  try:
+    settings = sampler.sampling_config_from(c.get("sample"))
+  except (TypeError, ValueError):
+    return  # out-of-range settings are reported by the sampling rule
+  try:
+    sampler.check_sampling_fits(layout, settings)
+  except ValueError as e:  # "sample.FIELD=VALUE <why>"
+    field, _, rest = str(e).partition("=")
+    name = field.split(".")[-1]
+    c.fail(field, c.get(field), f"expected a setting that fits the model: {name}="
+           f"{one_line(rest)}")
 
 
 def _check_token_meta(c: Checker, layout: Any, num_classes: Optional[int]) -> None:
