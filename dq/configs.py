@@ -32,6 +32,47 @@ def default_sharding_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"rules": [], "fsdp_min_size": 2**18})
 
 
+def tensor_parallel_rules(stage: str = "transformer") -> list[list[Any]]:
+  """`config.sharding.rules` that shard the DQ-Transformer Megatron-style over the mesh's
+  `tensor` axis, with FSDP over `fsdp` on the other dimension of each big kernel.
+
+  Use: `config.sharding.rules = tensor_parallel_rules("transformer")` with e.g.
+  `config.mesh = {"data": -1, "fsdp": 2, "tensor": 2}`; no model code changes. The rules
+  (first match wins; they also match the optimizer moments of each parameter):
+
+  - attention query/key/value kernels [C, C] and mlp_fc [C, 4C]: column-parallel,
+    ('fsdp', 'tensor'); their biases ('tensor',). The column split falls on head boundaries, so
+    `n_head` must be divisible by the tensor size.
+  - attention proj [C, C] and mlp_proj [4C, C]: row-parallel, ('tensor', 'fsdp'); their biases
+    (added after the all-reduce) stay replicated.
+  - embedding tables [N, C] and pos_emb [1, T, C]: the model dim over fsdp x tensor (vocab and
+    position sizes are rarely divisible by a mesh axis; the model dim always is).
+  - the position/content heads [C, V]: the model dim over fsdp x tensor (row-parallel: the
+    logits are all-reduced over `tensor`, then stay split over the batch).
+  - LayerNorms and the remaining biases ([C]) are small and follow `fsdp_min_size` (replicated).
+
+  Rule-matched arrays are split whatever their size, so C (n_embd) must be divisible by
+  fsdp x tensor and 4C by tensor; otherwise `dq.sharding` raises a ValueError naming the rule.
+  The batch stays split over data x fsdp only (replicated over `tensor`).
+  Only stage 'transformer' has rules: the stage-1 conv net is small enough for data + FSDP.
+  """
+  if stage != "transformer":
+    raise ValueError(f"tensor_parallel_rules: stage {stage!r} has no tensor-parallel rules; "
+                     "expected 'transformer' (stage 1 uses data + FSDP sharding)")
+  model_dim = ("fsdp", "tensor")
+  return [
+      [r"attn/(query|key|value)/kernel$", ["fsdp", "tensor"]],  # column-parallel [C, C]
+      [r"attn/(query|key|value)/bias$", ["tensor"]],
+      [r"attn/proj/kernel$", ["tensor", "fsdp"]],               # row-parallel [C, C]
+      [r"mlp_fc/kernel$", ["fsdp", "tensor"]],                  # column-parallel [C, 4C]
+      [r"mlp_fc/bias$", ["tensor"]],
+      [r"mlp_proj/kernel$", ["tensor", "fsdp"]],                # row-parallel [4C, C]
+      [r"_emb/embedding$", [None, model_dim]],                  # [N, C]
+      [r"(^|/)pos_emb$", [None, None, model_dim]],              # [1, T, C]
+      [r"_head/linear/kernel$", [model_dim, None]],             # [C, V]
+  ]
+
+
 def vae_base_config() -> ml_collections.ConfigDict:
   """Every stage-1 field with a default; config files override what they need."""
   from dq.data.config import default_data_config
@@ -62,6 +103,8 @@ def vae_base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(dict(
       batch_size=32, num_steps=100_000, log_every=50, summary_every=1000, summary_images=8,
       checkpoint_every=1000, keep_checkpoints=3, async_checkpointing=True, tensorboard=True,
+      microbatches=1,              # gradient accumulation over this many batch slices (one
+                                   # EMA codebook update per step; see dq.train.vae_step)
       skip_nonfinite=False,        # True: a non-finite step is skipped and counted, not fatal
       dead_code_warning=0.9))      # warn once when more of the codebook than this is dead
   config.eval = ml_collections.ConfigDict(dict(batch_size=32, at_end=True, max_images=0,

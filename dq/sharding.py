@@ -5,7 +5,8 @@ called pjit (pjit is deprecated and is the same machinery). This module builds t
 config and the shardings the trainers use:
 
 - mesh axes `data`, `fsdp` and `tensor` (sizes from `config.mesh`, -1 = the remaining devices);
-- the batch is split over data x fsdp;
+- the batch is split over data x fsdp (replicated over `tensor`), and `constrain_batch` pins
+  large activations (logits, decoder outputs) to that split inside the step;
 - parameters and optimizer state follow `config.sharding`: regex rules first (first match wins,
   searched in the '/'-joined path, so a rule for `.*/kernel` also covers the optimizer's moments
   of that kernel), then FSDP for arrays of at least `fsdp_min_size` elements (their largest
@@ -64,6 +65,49 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def constrain_batch(x: jax.Array, sharding: NamedSharding | None, batch_axis: int = 0
+                    ) -> jax.Array:
+  """Pins axis `batch_axis` of activation x to the batch split of `sharding` (normally
+  `batch_sharding(mesh)`), leaving XLA free on every other axis (so a vocab axis may stay split
+  over `tensor`). No-op when `sharding` is None: step functions also run unjitted, meshless.
+  """
+  if sharding is None:
+    return x
+  batch_axes = sharding.spec[0] if len(sharding.spec) else None
+  size = _axis_size(sharding.mesh, batch_axes)
+  if x.shape[batch_axis] % size:
+    raise ValueError(f"activation of shape {x.shape}: its batch axis {batch_axis} "
+                     f"({x.shape[batch_axis]}) is not divisible by the {size} devices of the "
+                     f"batch axes {batch_axes!r}; make the (per-microbatch) batch a multiple of "
+                     f"the data-parallel size")
+  spec = [P.UNCONSTRAINED] * x.ndim
+  spec[batch_axis] = batch_axes
+  return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, P(*spec)))
+
+
+def split_microbatches(tree: Any, microbatches: int,
+                       sharding: NamedSharding | None = None) -> Any:
+  """[B, ...] arrays -> [microbatches, B / microbatches, ...]; slice m holds rows m, m + M, ...
+
+  Strided slices keep each device's rows on that device when the batch is split over the mesh
+  (every device's block holds B / (M * devices) rows of each slice), so the scan over slices
+  needs no communication. `merge_microbatches` is the inverse.
+  """
+  def split(x):
+    if x.shape[0] % microbatches:
+      raise ValueError(f"batch size {x.shape[0]} is not divisible by "
+                       f"config.train.microbatches={microbatches}")
+    sliced = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+    return constrain_batch(sliced, sharding, batch_axis=1)
+
+  return jax.tree.map(split, tree)
+
+
+def merge_microbatches(tree: Any) -> Any:
+  """Inverse of `split_microbatches`: [M, B / M, ...] -> [B, ...] in the original row order."""
+  return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), tree)
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:

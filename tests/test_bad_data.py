@@ -65,8 +65,7 @@ def test_training_finishes_and_reports_skip_counts(bad_run):
   rows = bad_run["rows"]
   assert [r["step"] for r in rows] == list(range(1, NUM_STEPS + 1))
   assert all(np.isfinite(r["loss"]) for r in rows)
-  key = f"data/folder:{bad_run['root']}:train"
-  counts = [r[key] for r in rows]
+  counts = [r["data/skipped_records"] for r in rows]
   assert counts == sorted(counts), "a running count never decreases"
   assert counts[-1] == len(bad_run["bad"]) == 8
 
@@ -116,3 +115,19 @@ def test_too_many_bad_files_is_a_clear_error(bad_run, tmp_path):
       r"above max_bad_fraction=0.25")):
     vae_trainer.train_and_evaluate(folder_config(copy, max_bad_fraction=0.25),
                                    str(tmp_path / "run_b"))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_carry_skip_counts_also_from_worker_processes(bad_run, tmp_path, workers):
+  from dq.data import pipeline
+  copy = str(tmp_path / "copy")  # read counts are per folder path and process
+  shutil.copytree(bad_run["root"], copy, symlinks=True)
+  config = folder_config(copy, worker_count=workers)
+  stats.reset()
+  dataset = pipeline.make_dataset(config.data, split="train", batch_size=4, seed=0,
+                                  train=False, num_epochs=1, drop_remainder=False)
+  batches = list(dataset)
+  assert sum(int(b["skipped_records"]) for b in batches) == len(bad_run["bad"])
+  assert sum(len(b["image"]) for b in batches) == len(bad_run["valid"])
+  # With a worker process, the skips were counted there, not in this process.
+  assert (sum(stats.skipped_counts().values()) == 0) == (workers > 0)

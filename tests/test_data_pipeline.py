@@ -51,7 +51,8 @@ def test_batch_format():
   iterator = iter(dataset)
   assert isinstance(iterator, grain.DatasetIterator)
   batch = next(iterator)
-  assert set(batch) == {"image", "label", "detail_mask", "index"}
+  assert set(batch) == {"image", "label", "detail_mask", "index", "skipped_records"}
+  assert batch["skipped_records"].dtype == np.int64 and batch["skipped_records"] == 0
   assert batch["image"].shape == (6, 16, 16, 3) and batch["image"].dtype == np.float32
   assert batch["label"].shape == (6,) and batch["label"].dtype == np.int32
   assert batch["detail_mask"].shape == (6, 16, 16) and batch["detail_mask"].dtype == np.float32

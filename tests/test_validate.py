@@ -398,6 +398,10 @@ def test_microbatches_divide_the_per_device_batch(demo_stage1):
   config.train.microbatches = 4
   assert_fails(config, "config.train.microbatches", 4, "expected a divisor of the per-device "
                "batch 2 (train.batch_size 16 / data-parallel size 8)")
+  vae = load_config("demo_vae.py")  # stage 1: batch 8 on 8 devices, 1 per device
+  vae.train.microbatches = 2
+  assert_fails(vae, "config.train.microbatches", 2, "expected a divisor of the per-device "
+               "batch 1 (train.batch_size 8 / data-parallel size 8)")
 
 
 # --- rule 6: paths -----------------------------------------------------------------------------

@@ -134,6 +134,13 @@ class _EvalTransform(grain.transforms.Map):
                                  random_crop=False, random_flip=False)
 
 
+class _AttachNewSkips(grain.transforms.Map):
+  """Adds `skipped_records`: records this (maybe worker) process skipped since its last batch."""
+
+  def map(self, batch: dict[str, Any]) -> dict[str, Any]:
+    return {**batch, "skipped_records": np.int64(stats.take_new_skips())}
+
+
 def order_records(dataset: grain.MapDataset, *, split: str, seed: int, train: bool,
                   shard_index: int, shard_count: int,
                   num_epochs: int | None) -> grain.MapDataset:
@@ -169,7 +176,9 @@ def make_dataset(data_cfg: Any, *, split: str, batch_size: int, seed: int, train
                  shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
                  drop_remainder: bool = True) -> grain.IterDataset:
   """Batches of {'image': f32 [B,H,W,3] in [-1,1], 'label': i32 [B],
-  'detail_mask': f32 [B,H,W] (zeros where the source has none), 'index': i64 [B]}.
+  'detail_mask': f32 [B,H,W] (zeros where the source has none), 'index': i64 [B],
+  'skipped_records': i64 [] (corrupt records skipped by the reading process since its previous
+  batch; sum them for a run's count, also with worker processes)}.
 
   Per-process (shard_index/shard_count = jax process index/count; see `order_records`: in train
   mode every process reads its part of the same global batches), shuffled per epoch with `seed`
@@ -202,7 +211,11 @@ def make_dataset(data_cfg: Any, *, split: str, batch_size: int, seed: int, train
                                    prefetch_buffer_size=buffered)
   batches = dataset.to_iter_dataset(read_options).batch(batch_size,
                                                         drop_remainder=drop_remainder)
+  batches = batches.map(_AttachNewSkips())
   if data_cfg.worker_count > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # grain reads absl flags (defaults) outside `app.run` too
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(data_cfg.worker_count), per_worker_buffer_size=max(1, prefetch)))
   return batches

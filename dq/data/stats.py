@@ -2,7 +2,9 @@
 
 Sources call `note_seen` for every record they read and `note_skipped` for every record they
 could not decode. Counters live in the process that reads: with grain worker processes
-(`worker_count > 0`) the workers count, not the trainer's process.
+(`worker_count > 0`) the workers count, not the trainer's process; every batch carries the
+records its process skipped since its previous batch (`take_new_skips`), which is how the
+trainers count skips in either case.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class _DatasetCounts:
 
 _LOCK = threading.Lock()
 _COUNTS: dict[str, _DatasetCounts] = {}
+_REPORTED = [0]  # distinct skipped records already handed out by `take_new_skips`
 
 
 def note_seen(dataset: str, *, num_records: int, max_bad_fraction: float) -> None:
@@ -62,7 +65,20 @@ def read_counts() -> dict[str, tuple[int, int]]:
     return {name: (c.seen, c.skipped) for name, c in _COUNTS.items()}
 
 
+def take_new_skips() -> int:
+  """Distinct records skipped in this process since the previous call.
+
+  The pipeline attaches this to every batch (`skipped_records`), so the skips counted in grain
+  worker processes reach the trainer, which sums them.
+  """
+  with _LOCK:
+    total = sum(len(c.skipped_keys) for c in _COUNTS.values())
+    new, _REPORTED[0] = total - _REPORTED[0], total
+  return new
+
+
 def reset() -> None:
   """Forgets all counts (tests, or a new run in the same process)."""
   with _LOCK:
     _COUNTS.clear()
+    _REPORTED[0] = 0

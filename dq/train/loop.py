@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dq import sharding as sh
-from dq.data import stats as data_stats
 from dq.train.preemption import PreemptionWatch
 from dq.train.progress import Progress
 
@@ -91,6 +90,7 @@ class TrainLoop:
     self.monitor = NonFiniteMonitor(manager, skip=train_cfg.get("skip_nonfinite", False))
     self.progress = Progress(self.total, start, every=self.log_every)
     self.preempted = False
+    self.skipped_records = 0  # corrupt records skipped by the data pipeline in this run
     self._t_log, self._s_log = time.perf_counter(), start
 
   def __enter__(self) -> "TrainLoop":
@@ -106,15 +106,18 @@ class TrainLoop:
       if self.preempted:
         return
 
-  def stepped(self, step: int, metrics: dict) -> None:
+  def stepped(self, step: int, metrics: dict, skipped_records: int = 0) -> None:
+    """After dispatching `step`; `skipped_records` is its batch's count (see make_dataset)."""
     self.monitor.push(step, metrics)
+    self.skipped_records += int(skipped_records)
     self.progress(step)
 
   def log_due(self, step: int) -> bool:
     return step % self.log_every == 0 or step == self.total
 
   def log_scalars(self, step: int, metrics: dict, batch_size: int) -> dict:
-    """Host scalars of this step's metrics plus rates since the last log and skip counts."""
+    """Host scalars of this step's metrics plus rates since the last log, the non-finite steps
+    skipped and the corrupt records skipped by the data pipeline (both counted in this run)."""
     self.monitor.flush()
     scalars = jax.device_get(metrics)
     scalars.pop("finite", None)
@@ -125,7 +128,7 @@ class TrainLoop:
     scalars["elapsed_since_log"] = elapsed
     self._t_log, self._s_log = now, step
     scalars["nonfinite_skipped"] = float(self.monitor.skipped)
-    scalars.update({f"data/{k}": float(v) for k, v in data_stats.skipped_counts().items()})
+    scalars["data/skipped_records"] = float(self.skipped_records)
     return scalars
 
   def save_due(self, step: int) -> bool:

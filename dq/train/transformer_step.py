@@ -11,8 +11,10 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 import optax
 
+from dq import sharding as sh
 from dq.stage2.tokens import TokenLayout
 from dq.stage2.transformer import StackedTransformer, packed_losses
 from dq.train.optim import make_optimizer
@@ -82,13 +84,19 @@ def _term_masks(packed: dict) -> dict[str, jax.Array]:
 
 def make_update_fn(model: StackedTransformer, tx: optax.GradientTransformation,
                    schedule: optax.Schedule, *, layout: TokenLayout, label_dropout: float,
-                   class_conditional: bool, microbatches: int = 1):
+                   class_conditional: bool, microbatches: int = 1,
+                   activation_sharding: NamedSharding | None = None):
   """Builds update_fn(state, batch) -> (state, metrics); jit it with shardings and
   `donate_argnums=0`. Extra batch keys (e.g. 'label') are ignored.
 
   `microbatches` > 1 accumulates gradients over that many equal slices of the batch (a
-  `lax.scan`); each loss term is normalised by the whole batch's token count, so the step equals
-  the one-slice step up to float rounding (dropout masks differ per slice).
+  `lax.scan` over strided slices, see `dq.sharding.split_microbatches`); each loss term is
+  normalised by the whole batch's token count, so the step equals the one-slice step up to float
+  rounding (dropout masks differ per slice).
+
+  `activation_sharding` (the trainer passes `dq.sharding.batch_sharding(mesh)`; None: no
+  constraint, e.g. unjitted) pins the batch axis of the [B, T, V] and [B, T, P] logits to the
+  data x fsdp split, leaving their other axes to XLA.
   """
   if class_conditional != (layout.num_classes > 0):
     raise ValueError(f"class_conditional={class_conditional} but the token layout has "
@@ -104,6 +112,8 @@ def make_update_fn(model: StackedTransformer, tx: optax.GradientTransformation,
     position_logits, content_logits = model.apply(
         {"params": params}, packed["content"], packed["position"], packed["segment"],
         deterministic=False, rngs={"dropout": rng}, method="forward_packed")
+    position_logits = sh.constrain_batch(position_logits, activation_sharding)  # [b, T, P]
+    content_logits = sh.constrain_batch(content_logits, activation_sharding)  # [b, T, V]
     masks = _term_masks(packed)
     means = packed_losses(position_logits, content_logits, packed)
     sums = {term: means[f"{name}_loss"] * jnp.sum(masks[term]) for term, name in (
@@ -132,12 +142,7 @@ def make_update_fn(model: StackedTransformer, tx: optax.GradientTransformation,
     if microbatches == 1:
       (loss, (scaled, hits)), grads = grad_fn(state.params, packed, counts, dropout_rng)
     else:
-      batch_size = packed["content"].shape[0]
-      if batch_size % microbatches:
-        raise ValueError(f"batch size {batch_size} is not divisible by "
-                         f"config.train.microbatches={microbatches}")
-      slices = jax.tree.map(
-          lambda x: x.reshape(microbatches, batch_size // microbatches, *x.shape[1:]), packed)
+      slices = sh.split_microbatches(packed, microbatches, activation_sharding)  # [M, B / M, L]
 
       def accumulate(carry, inputs):
         index, piece = inputs

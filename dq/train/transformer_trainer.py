@@ -113,10 +113,12 @@ class TrainTokens:
           directory, layout, split="train", batch_size=local_batch_size, seed=config.seed,
           train=True, flip=config.tokens.flip, fine_order=config.tokens.fine_order, **shard)
     self.iterator = iter(dataset)
+    self.skipped_records = 0  # corrupt images skipped while reading the latest batch
 
   def next(self, step: int) -> dict:
     """The batch of `step`: packed content/position/segment/valid [B, L] sharded over data."""
     batch = next(self.iterator)
+    self.skipped_records = int(batch.get("skipped_records", 0))
     if self.on_the_fly:
       return self._encode(batch, step)
     return sh.shard_batch({k: batch[k] for k in PACKED_KEYS}, self.mesh)
@@ -257,7 +259,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TransformerState:
       batch = tokens.next(step)
       state, metrics = train_step(state, batch)
       token_count = token_count + metrics["tokens"]  # stays on device until the next log
-      loop.stepped(step, metrics)
+      loop.stepped(step, metrics, tokens.skipped_records)
       if loop.log_due(step):
         scalars = loop.log_scalars(step, metrics, config.train.batch_size)
         scalars["tokens_per_sec"] = (float(jax.device_get(token_count))

@@ -10,8 +10,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 import optax
 
+from dq import sharding as sh
 from dq.losses import gan
 from dq.losses.vae_loss import reconstruction_loss, vae_loss
 from dq.models.dqvae import DECODER_LAST_LAYER
@@ -36,29 +38,59 @@ def _get(tree, path):
 def make_update_fn(model, tx: optax.GradientTransformation, schedule, *, loss_cfg: Any,
                    router_cfg: Any, num_grains: int, discriminator=None,
                    disc_tx: optax.GradientTransformation | None = None,
-                   perceptual: Callable | None = None):
+                   perceptual: Callable | None = None, microbatches: int = 1,
+                   activation_sharding: NamedSharding | None = None):
   """Builds update_fn(state, batch, frozen) -> (state, metrics); jit it with shardings and
-  `donate_argnums=0`. `perceptual(frozen, x, y) -> [B]` is the LPIPS distance."""
+  `donate_argnums=0`. `perceptual(frozen, x, y) -> [B]` is the LPIPS distance.
+
+  `activation_sharding` (the trainer passes `dq.sharding.batch_sharding(mesh)`; None: no
+  constraint, e.g. unjitted) pins the batch axis of the images and reconstructions.
+
+  `microbatches` > 1 accumulates gradients over that many equal (strided) batch slices in a
+  `lax.scan`; each slice's loss is scaled by 1 / microbatches, so the summed gradient is the
+  gradient of the mean loss. Relative to the one-slice step:
+  - EMA codebook: every slice quantises with the step's starting codebook (the codebook is
+    read-only in the slices) and the latents of all slices go through ONE EMA update (with its
+    dead-code restarts, same rng) after the scan, so codes, codebook and the perplexity / usage
+    / dead_fraction metrics equal the one-slice step's up to float rounding. Cost: the
+    quantizer-input latents [B, hf, wf, D] of the whole batch are kept (small).
+  - Terms that are means over the batch (L1, LPIPS, codebook loss) are exact. The budget loss
+    (feature router) is a square of the batch's fine ratio and is taken per slice (each slice's
+    ratio is pushed to the target), and Gumbel noise / dropout are drawn per slice: with the
+    feature router the step matches the one-slice step in distribution, not value.
+  - GAN: the adaptive weight is computed per slice (from that slice's last-layer gradients);
+    the discriminator's gradients are accumulated over slices (one optimizer update), its
+    BatchNorm statistics are taken per slice (train mode) and its running statistics are
+    chained through the slices (2 * microbatches updates per step instead of 2).
+  """
   use_gan = discriminator is not None and loss_cfg.get("disc_weight", 0.0) > 0
   disc_kind = loss_cfg.get("disc_loss", "hinge")
+  if microbatches < 1:
+    raise ValueError(f"config.train.microbatches must be >= 1; got {microbatches}")
+  constrain = lambda y: sh.constrain_batch(y, activation_sharding)
+
+  def disc_logits(disc_params, batch_stats, images):
+    logits, new = discriminator.apply({"params": disc_params, "batch_stats": batch_stats},
+                                      images, train=True, mutable=["batch_stats"])
+    return logits, new["batch_stats"]
 
   def update_fn(state: TrainState, batch: dict, frozen: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     gumbel_rng, codebook_rng, dropout_rng = jax.random.split(rng, 3)
-    x = batch["image"]  # [B, H, W, 3]
+    x = constrain(batch["image"])  # [B, H, W, 3]
     percept = None if perceptual is None else (lambda a, b: perceptual(frozen, a, b))
     disc_factor = gan.adopt_weight(state.step, loss_cfg.get("disc_start", 0))
 
-    def disc_logits(disc_params, batch_stats, images):
-      logits, new = discriminator.apply({"params": disc_params, "batch_stats": batch_stats},
-                                        images, train=True, mutable=["batch_stats"])
-      return logits, new["batch_stats"]
-
-    def loss_fn(params):
+    def loss_fn(params, x, rngs, update_codebook: bool, scale: float):
+      """Generator loss * scale on images x [b, H, W, 3]; aux: (unscaled loss, terms, outputs,
+      new codebook or None, extra metrics, quantizer-input latents or None)."""
+      mutable = ["codebook", "intermediates"] if update_codebook else ["intermediates"]
+      capture_latents = False if update_codebook else (
+          lambda module, method: module.name == "quant_conv" and method == "__call__")
       outputs, new_vars = model.apply(
-          {"params": params, "codebook": state.codebook}, x, train=True,
-          mutable=["codebook", "intermediates"],
-          rngs={"gumbel": gumbel_rng, "codebook": codebook_rng, "dropout": dropout_rng})
+          {"params": params, "codebook": state.codebook}, x, train=True, mutable=mutable,
+          rngs=rngs, capture_intermediates=capture_latents)
+      outputs = {**outputs, "xrec": constrain(outputs["xrec"])}  # [b, H, W, 3]
       loss, terms = vae_loss(x, outputs, loss_cfg=loss_cfg, router_cfg=router_cfg,
                              num_grains=num_grains, perceptual=percept)
       extra = {}
@@ -80,42 +112,98 @@ def make_update_fn(model, tx: optax.GradientTransformation, schedule, *, loss_cf
         d_weight = d_weight * loss_cfg.disc_weight * disc_factor
         loss = loss + d_weight * terms["generator"]
         extra["adaptive_weight"] = d_weight
-      return loss, (terms, outputs, new_vars["codebook"], extra)
+      latents = None
+      if not update_codebook:  # [b, hf, wf, D], the quantizer's input
+        latents = jax.lax.stop_gradient(new_vars["intermediates"]["quant_conv"]["__call__"][0])
+      return loss * scale, (loss, terms, outputs, new_vars.get("codebook"), extra, latents)
 
-    (loss, (terms, outputs, codebook, extra)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    def d_loss_fn(disc_params, batch_stats, real, fake, scale: float):
+      logits_real, stats = disc_logits(disc_params, batch_stats, real)
+      logits_fake, stats = disc_logits(disc_params, stats, fake)
+      d_loss = gan.discriminator_loss(logits_real, logits_fake, disc_kind)
+      return disc_factor * d_loss * scale, (d_loss, stats, jnp.mean(logits_real),
+                                            jnp.mean(logits_fake))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    d_grad_fn = jax.value_and_grad(d_loss_fn, has_aux=True)
+    rngs = {"gumbel": gumbel_rng, "codebook": codebook_rng, "dropout": dropout_rng}
+    if microbatches == 1:
+      (_, (loss, terms, outputs, codebook, extra, _)), grads = grad_fn(
+          state.params, x, rngs, True, 1.0)
+      code_metrics = {k: outputs[k] for k in ("fine_ratio", "perplexity", "usage",
+                                              "dead_fraction")}
+      if use_gan:
+        fake = jax.lax.stop_gradient(outputs["xrec"])
+        (_, (d_loss, disc_stats, logits_real, logits_fake)), d_grads = d_grad_fn(
+            state.disc_params, state.disc_batch_stats, x, fake, 1.0)
+    else:
+      slices = sh.split_microbatches(x, microbatches, activation_sharding)  # [M, B / M, H, W, 3]
+      zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+
+      def accumulate(carry, inputs):
+        index, piece = inputs
+        grads_sum, d_grads_sum, disc_stats = carry
+        piece_rngs = {"gumbel": jax.random.fold_in(gumbel_rng, index),
+                      "dropout": jax.random.fold_in(dropout_rng, index)}
+        (_, (loss, terms, outputs, _, extra, latents)), grads = grad_fn(
+            state.params, piece, piece_rngs, False, 1.0 / microbatches)
+        per_slice = {"loss": loss, "terms": terms, "extra": extra,
+                     "fine_ratio": outputs["fine_ratio"]}
+        if use_gan:
+          fake = jax.lax.stop_gradient(outputs["xrec"])
+          (_, (d_loss, disc_stats, logits_real, logits_fake)), d_grads = d_grad_fn(
+              state.disc_params, disc_stats, piece, fake, 1.0 / microbatches)
+          d_grads_sum = jax.tree.map(jnp.add, d_grads_sum, d_grads)
+          per_slice["disc"] = (d_loss, logits_real, logits_fake)
+        carry = (jax.tree.map(jnp.add, grads_sum, grads), d_grads_sum, disc_stats)
+        return carry, (per_slice, latents)
+
+      carry = (zeros(state.params), zeros(state.disc_params), state.disc_batch_stats)
+      (grads, d_grads, disc_stats), (per_slice, latents) = jax.lax.scan(
+          accumulate, carry, (jnp.arange(microbatches), slices))
+      mean = lambda tree: jax.tree.map(lambda v: jnp.mean(v, axis=0), tree)
+      loss, terms, extra = mean((per_slice["loss"], per_slice["terms"], per_slice["extra"]))
+      if use_gan:
+        d_loss, logits_real, logits_fake = mean(per_slice["disc"])
+      codebook, code_metrics = _ema_update(model, state, sh.merge_microbatches(latents),
+                                           codebook_rng)
+      code_metrics["fine_ratio"] = jnp.mean(per_slice["fine_ratio"])
+
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}, **extra}
-    metrics.update({k: outputs[k] for k in ("fine_ratio", "perplexity", "usage",
-                                            "dead_fraction")})
+    metrics = {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}, **extra, **code_metrics}
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["lr"] = schedule(state.step)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               codebook=codebook)
-
     if use_gan:
-      fake = jax.lax.stop_gradient(outputs["xrec"])
-
-      def d_loss_fn(disc_params):
-        logits_real, stats = disc_logits(disc_params, state.disc_batch_stats, x)
-        logits_fake, stats = disc_logits(disc_params, stats, fake)
-        d_loss = gan.discriminator_loss(logits_real, logits_fake, disc_kind)
-        return disc_factor * d_loss, (d_loss, stats, logits_real, logits_fake)
-
-      (_, (d_loss, stats, logits_real, logits_fake)), d_grads = jax.value_and_grad(
-          d_loss_fn, has_aux=True)(state.disc_params)
       d_updates, disc_opt_state = disc_tx.update(d_grads, state.disc_opt_state,
                                                  state.disc_params)
       new_state = new_state.replace(
           disc_params=optax.apply_updates(state.disc_params, d_updates),
-          disc_opt_state=disc_opt_state, disc_batch_stats=stats)
+          disc_opt_state=disc_opt_state, disc_batch_stats=disc_stats)
       metrics.update({"disc_loss": d_loss, "disc_logits_real": jnp.mean(logits_real),
                       "disc_logits_fake": jnp.mean(logits_fake),
                       "disc_grad_norm": optax.global_norm(d_grads)})
     return new_state, metrics
 
   return update_fn
+
+
+def _ema_update(model, state: TrainState, latents: jax.Array,
+                codebook_rng: jax.Array) -> tuple[Any, dict]:
+  """One EMA codebook step (restarts included) on the whole batch's quantizer-input latents
+  [B, hf, wf, D], through the model's own quantizer: the same codes, statistics and restart
+  rng (`codebook_rng`, same module path) as the update inside a one-slice training pass.
+
+  Returns (new codebook collection, {perplexity, usage, dead_fraction} of the batch).
+  """
+  weight_mask = jnp.ones(latents.shape[:-1], jnp.float32)  # loss weights: unused here
+  (_, _, aux), new_vars = model.apply(
+      {"params": state.params, "codebook": state.codebook}, latents, weight_mask,
+      method=lambda module, z, mask: module.quantize(z, mask, train=True),
+      mutable=["codebook"], rngs={"codebook": codebook_rng})
+  return new_vars["codebook"], {k: aux[k] for k in ("perplexity", "usage", "dead_fraction")}
 
 
 def make_reconstruct_fn(model):

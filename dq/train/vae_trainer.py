@@ -171,7 +171,9 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
   discriminator, disc_tx = make_discriminator(config)
   update_fn = make_update_fn(model, tx, schedule, loss_cfg=config.loss,
                              router_cfg=config.model.router, num_grains=config.model.num_grains,
-                             discriminator=discriminator, disc_tx=disc_tx, perceptual=perceptual)
+                             discriminator=discriminator, disc_tx=disc_tx, perceptual=perceptual,
+                             microbatches=config.train.get("microbatches", 1),
+                             activation_sharding=sh.batch_sharding(mesh))
   repl = sh.replicated(mesh)
   train_step = jax.jit(guard_nonfinite(update_fn),
                        in_shardings=(state_shardings, sh.batch_sharding(mesh), repl),
@@ -192,7 +194,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
       batch = next(train_iter)
       device_batch = sh.shard_batch({"image": batch["image"]}, mesh)
       state, metrics = train_step(state, device_batch, frozen)
-      loop.stepped(step, metrics)
+      loop.stepped(step, metrics, batch["skipped_records"])
       if loop.log_due(step):
         scalars = loop.log_scalars(step, metrics, config.train.batch_size)
         if step_flops is None and throughput.device_peak_flops(jax.devices()[0]):

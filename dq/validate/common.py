@@ -46,7 +46,7 @@ def check_mesh_and_batches(c: Checker) -> None:
   stage, mode = c.get("stage"), c.get("mode")
   fields = ["train.batch_size"] + (["eval.batch_size"] if stage == "vae" else [])
   sizes = {field: c.integer(field, 1) for field in fields}
-  microbatches = c.integer("train.microbatches", 1) if stage == "transformer" else 1
+  microbatches = c.integer("train.microbatches", 1)
   # The batches a mode splits over the mesh (stage-2 sampling and encoding use no mesh).
   sharded = []
   if mode == "train":
