@@ -1,10 +1,14 @@
-"""Router pieces: feature router vs numpy, Gumbel straight-through, entropy gates, merging."""
+"""Router pieces: feature router vs numpy, Gumbel straight-through, entropy gates, merging,
+the fixed router (fixed-length grids)."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from dq.models.router import (FeatureRouter, entropy_gate, entropy_gate_logits,
+from dq.losses.vae_loss import vae_loss
+from dq.models.build import build_dqvae, default_model_config
+from dq.models.router import (FeatureRouter, entropy_gate, entropy_gate_logits, fixed_gate,
                               gumbel_straight_through, hard_gate, merge_grains)
 
 
@@ -122,3 +126,73 @@ def test_merge_grains_equals_where_and_passes_gate_gradients(num_grains):
   np.testing.assert_array_equal(merged, expected)  # exact, not just close
   grad = jax.grad(lambda g: jnp.sum(merge_grains(taps, g) ** 2))(gate)
   assert np.all(np.abs(np.asarray(grad)) > 0)  # every grain's gate entry gets a gradient
+
+
+def test_fixed_gate_is_one_hot_at_the_grain():
+  for num_grains in (2, 3):
+    for grain in range(num_grains):
+      gate = np.asarray(fixed_gate((2, 3, 4), grain, num_grains))
+      assert gate.shape == (2, 3, 4, num_grains)
+      np.testing.assert_array_equal(gate.argmax(-1), np.full((2, 3, 4), grain))
+      np.testing.assert_array_equal(gate.sum(-1), 1.0)
+  with pytest.raises(ValueError, match="grain must lie in \\[0, 1\\]"):
+    fixed_gate((1, 2, 2), 2, 2)
+  with pytest.raises(ValueError, match="\\[B, h, w\\]"):
+    fixed_gate((2, 2), 0, 2)
+
+
+def _tiny_model_cfg(kind: str, fine_ratio: float, num_grains: int = 2, median_ratio: float = 0.0):
+  cfg = default_model_config()
+  cfg.update(dict(resolution=32, ch=8, ch_mult=(1, 2, 2) if num_grains == 2 else (1, 2, 2, 2),
+                  num_res_blocks=1, attn_resolutions=(), z_channels=8, norm_groups=4,
+                  codebook_size=16, embed_dim=8, dec_ch=8, dec_ch_mult=(1, 2),
+                  dec_num_res_blocks=0, dec_attn_resolutions=(), num_grains=num_grains))
+  cfg.router.update(dict(kind=kind, norm_groups=4, fine_ratio=fine_ratio,
+                         median_ratio=median_ratio))
+  return cfg
+
+
+@pytest.mark.parametrize("fine_ratio,grain", [(0.0, 0), (1.0, 1)])
+def test_fixed_router_dqvae_codes_a_fixed_grid(fine_ratio, grain):
+  """All-coarse: each code repeats over its 2x2 fine cells; all-fine: one code per cell. Same
+  layers as the feature-router model minus the router; no budget loss term."""
+  model = build_dqvae(_tiny_model_cfg("fixed", fine_ratio))
+  assert model.router_kind == "fixed" and model.fixed_grain == grain
+  x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32))
+  variables = model.init({"params": jax.random.PRNGKey(0), "codebook": jax.random.PRNGKey(1)},
+                         x, train=False)
+  feature = build_dqvae(_tiny_model_cfg("feature", 0.5))
+  feature_vars = jax.eval_shape(lambda: feature.init(
+      {"params": jax.random.PRNGKey(0), "codebook": jax.random.PRNGKey(1)}, x, train=False))
+  shapes = lambda tree: jax.tree.map(lambda a: a.shape, tree)
+  expected = {k: v for k, v in shapes(feature_vars["params"]).items() if k != "router"}
+  assert shapes(variables["params"]) == expected
+  out, _ = model.apply(variables, x, train=True, mutable=["codebook"],
+                       rngs={"codebook": jax.random.PRNGKey(2)})  # no gumbel rng needed
+  np.testing.assert_array_equal(out["grain"], np.full((2, 8, 8), grain))  # factor 4 at 32 px
+  np.testing.assert_allclose(float(out["fine_ratio"]), fine_ratio)
+  codes, grain_map = model.apply(variables, x, method="encode")
+  codes = np.asarray(codes)  # [2, 16, 16]
+  np.testing.assert_array_equal(grain_map, np.full((2, 8, 8), grain))
+  blocks = codes.reshape(2, 8, 2, 8, 2).transpose(0, 1, 3, 2, 4).reshape(2, 8, 8, 4)
+  repeated = np.all(blocks == blocks[..., :1], axis=-1)  # [2, 8, 8]
+  if grain == 0:
+    assert repeated.all()
+  else:
+    assert not repeated.all()  # random inputs give distinct codes inside some region
+  loss_cfg = ml_collections.ConfigDict(dict(l1_weight=1.0, codebook_weight=1.0,
+                                            budget_weight=1.0, budget_gamma=10.0,
+                                            budget_calculate_all=True))
+  _, terms = vae_loss(x, out, loss_cfg=loss_cfg, router_cfg=_tiny_model_cfg(
+      "fixed", fine_ratio).router, num_grains=2)
+  assert "budget" not in terms
+
+
+def test_fixed_router_triple_grain_and_bad_targets():
+  assert build_dqvae(_tiny_model_cfg("fixed", 0.0, 3, median_ratio=1.0)).fixed_grain == 1
+  assert build_dqvae(_tiny_model_cfg("fixed", 1.0, 3)).fixed_grain == 2
+  assert build_dqvae(_tiny_model_cfg("fixed", 0.0, 3)).fixed_grain == 0
+  with pytest.raises(ValueError, match="router.fine_ratio.*0.0 \\(every region coarse\\)"):
+    build_dqvae(_tiny_model_cfg("fixed", 0.5))
+  with pytest.raises(ValueError, match="router.fine_ratio.*\\(0, 1\\) fine"):
+    build_dqvae(_tiny_model_cfg("fixed", 0.5, 3, median_ratio=0.5))

@@ -35,11 +35,33 @@ def _check_widths(field: str, base: int, mults: tuple[int, ...], groups: int) ->
             f"(mults {mults})")
 
 
+def fixed_router_grain(router: Any, num_grains: int) -> int:
+  """The grain of every region for `router.kind == 'fixed'`, read from the grain targets.
+
+  Dual grain: `fine_ratio` 0.0 (all coarse, grain 0) or 1.0 (all fine, grain 1). Triple grain:
+  (`median_ratio`, `fine_ratio`) = (0, 0) coarse, (1, 0) median or (0, 1) fine.
+  """
+  fine = float(router.fine_ratio)
+  median = float(router.get("median_ratio", 0.0)) if num_grains == 3 else 0.0
+  grains = {(0.0, 0.0): 0, (0.0, 1.0): num_grains - 1}
+  if num_grains == 3:
+    grains[(1.0, 0.0)] = 1
+  if (median, fine) not in grains:
+    expected = ("fine_ratio 0.0 (every region coarse) or 1.0 (every region fine)" if
+                num_grains == 2 else "(median_ratio, fine_ratio) = (0, 0) coarse, (1, 0) median "
+                "or (0, 1) fine")
+    _fail("router.fine_ratio", (median, fine) if num_grains == 3 else fine,
+          f"the fixed router codes every region at one grain: expected {expected}")
+  return grains[(median, fine)]
+
+
 def build_dqvae(model_cfg: Any, entropy_thresholds: tuple = ()) -> DQVAE:
   """Validates `model_cfg` (see `default_model_config`) and returns the DQVAE module.
 
   `entropy_thresholds` are required for `router.kind == 'entropy'`: (t,) for dual grain,
-  (t_median, t_fine) for triple grain; they are ignored by the feature router.
+  (t_median, t_fine) for triple grain; they are ignored by the other routers.
+  `router.kind == 'fixed'` codes every region at one grain, chosen by the grain targets (see
+  `fixed_router_grain`): a fixed-length VQ grid with the DQ-VAE's layers.
   """
   cfg = model_cfg
   num_grains = int(cfg.num_grains)
@@ -70,6 +92,7 @@ def build_dqvae(model_cfg: Any, entropy_thresholds: tuple = ()) -> DQVAE:
     if len(thresholds) != num_grains - 1:
       raise ValueError(f"entropy_thresholds {thresholds}: {num_grains} grains need "
                        f"{num_grains - 1} thresholds")
+  fixed_grain = fixed_router_grain(router, num_grains) if router.kind == "fixed" else 0
   if cfg.position_type not in POSITION_TYPES:
     _fail("position_type", cfg.position_type, f"must be one of {POSITION_TYPES}")
   if cfg.dtype not in DTYPES:
@@ -89,6 +112,7 @@ def build_dqvae(model_cfg: Any, entropy_thresholds: tuple = ()) -> DQVAE:
       norm_groups=norm_groups, router_kind=router.kind,
       router_norm_groups=int(router.norm_groups),
       entropy_thresholds=thresholds if router.kind == "entropy" else (),
+      fixed_grain=fixed_grain,
       gumbel_temperature=float(router.gumbel_temperature),
       codebook_size=int(cfg.codebook_size), embed_dim=int(cfg.embed_dim), beta=float(cfg.beta),
       ema_decay=float(cfg.ema_decay), restart_unused_codes=bool(cfg.restart_unused_codes),

@@ -20,10 +20,11 @@ from dq.models.decoder import Decoder
 from dq.models.encoder import MultiGrainEncoder
 from dq.models.layers import Dtype, conv1x1, upsample_nearest
 from dq.models.quantizer import EMAVectorQuantizer
-from dq.models.router import (FeatureRouter, entropy_gate, entropy_gate_logits,
+from dq.models.router import (FeatureRouter, entropy_gate, entropy_gate_logits, fixed_gate,
                               gumbel_straight_through, hard_gate, merge_grains)
 
-ROUTER_KINDS = ("feature", "entropy")
+# 'fixed': every region at `fixed_grain` (a fixed-length grid; no router parameters).
+ROUTER_KINDS = ("feature", "entropy", "fixed")
 DECODER_LAST_LAYER = ("decoder", "conv_out", "kernel")
 
 
@@ -43,7 +44,11 @@ def code_weight_mask(grain: jax.Array, num_grains: int, fine_size: int) -> jax.A
 
 
 class DQVAE(nn.Module):
-  """Dynamic-quantization autoencoder (dual or triple grain, feature or entropy router)."""
+  """Dynamic-quantization autoencoder (dual or triple grain, feature, entropy or fixed router).
+
+  With `router_kind='fixed'` every region is coded at `fixed_grain` (0 coarsest .. G-1 finest):
+  the same encoder, quantizer and decoder as a fixed-length VQ grid of that grain's factor.
+  """
   resolution: int = 256
   ch: int = 128
   ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
@@ -56,6 +61,7 @@ class DQVAE(nn.Module):
   router_kind: str = "feature"
   router_norm_groups: int = 32
   entropy_thresholds: tuple = ()
+  fixed_grain: int = 0
   gumbel_temperature: float = 1.0
   codebook_size: int = 1024
   embed_dim: int = 256
@@ -76,6 +82,9 @@ class DQVAE(nn.Module):
     if self.router_kind == "entropy" and len(self.entropy_thresholds) != self.num_grains - 1:
       raise ValueError(f"entropy router with {self.num_grains} grains needs "
                        f"{self.num_grains - 1} entropy_thresholds; got {self.entropy_thresholds}")
+    if self.router_kind == "fixed" and not 0 <= self.fixed_grain < self.num_grains:
+      raise ValueError(f"fixed router: fixed_grain must lie in [0, {self.num_grains - 1}] (0 "
+                       f"coarsest); got {self.fixed_grain}")
     self.encoder = MultiGrainEncoder(
         self.ch, tuple(self.ch_mult), self.num_res_blocks, tuple(self.attn_resolutions),
         self.z_channels, self.resolution, self.num_grains, self.dropout, self.norm_groups,
@@ -101,6 +110,10 @@ class DQVAE(nn.Module):
   def _route(self, x: jax.Array, taps: list[jax.Array],
              train: bool) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """Returns (gate [B, hc, wc, G], gate_logits [B, hc, wc, G], extra outputs)."""
+    if self.router_kind == "fixed":
+      coarse = taps[0].shape[:3]  # [B, hc, wc]
+      gate = fixed_gate(coarse, self.fixed_grain, self.num_grains)
+      return gate, gate, {}
     if self.router_kind == "entropy":
       from dq.models.entropy import patch_entropy  # Deferred: optional router dependency.
 

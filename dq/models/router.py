@@ -1,7 +1,9 @@
 """Dynamic Grained Coding router: which granularity encodes each coarsest region.
 
 Gates are one-hot over the last axis, index 0 = coarsest grain .. G-1 = finest, on the
-coarsest grid [B, hc, wc, G].
+coarsest grid [B, hc, wc, G]. Kinds: the learned feature router, the entropy router
+(thresholds on patch entropy) and the fixed router (every region at one grain: a fixed-length
+grid, the baseline the paper compares against).
 """
 from __future__ import annotations
 
@@ -107,6 +109,16 @@ def entropy_gate_logits(entropy: jax.Array, thresholds: Sequence[float]) -> jax.
   t_median, t_fine = thresholds
   return jnp.stack([t_median - entropy, jnp.minimum(entropy - t_median, t_fine - entropy),
                     entropy - t_fine], axis=-1)
+
+
+def fixed_gate(shape: Sequence[int], grain: int, num_grains: int) -> jax.Array:
+  """One-hot gate [B, h, w, G] that codes every region of a [B, h, w] grid at `grain`
+  (0 coarsest .. G-1 finest): a fixed-length grid of the model's coarse or fine factor."""
+  if not 0 <= grain < num_grains:
+    raise ValueError(f"fixed gate grain must lie in [0, {num_grains - 1}]; got {grain}")
+  if len(shape) != 3:
+    raise ValueError(f"fixed gate shape must be [B, h, w]; got {tuple(shape)}")
+  return jax.nn.one_hot(jnp.full(tuple(shape), grain, jnp.int32), num_grains, dtype=jnp.float32)
 
 
 def merge_grains(taps: Sequence[jax.Array], gate: jax.Array) -> jax.Array:
