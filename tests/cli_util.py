@@ -14,3 +14,14 @@ def tiny_vae_flags(num_steps: int, checkpoint_every: int, *extra: str) -> list[s
       "--config.train.async_checkpointing=False", "--config.train.tensorboard=False",
       "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
       "--config.eval.at_end=False", *extra]
+
+
+def subprocess_env(devices: int, cache_dir: str, **extra: str) -> dict:
+  """Environment of a CPU `dq.main` subprocess: `devices` fake devices, XLA's cheaper backend
+  passes (as in conftest) and a compilation cache shared by the test's processes."""
+  import os
+  flags = (f"--xla_force_host_platform_device_count={devices} "
+           "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
+              JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+              **extra)

@@ -1,6 +1,7 @@
 """benchmarks/claims.py: settings, the acceptance arithmetic, and a micro end-to-end run.
 
-The end-to-end run is the smoke mode (32 px, tiny widths, 2 steps per model) cut to the models
+The end-to-end run (marked `bench`, deselected by default; `python -m pytest -m bench`) is the
+smoke mode (32 px, tiny widths, 2 steps per model) cut to the models
 the acceptance check and stage 2 need (fixed_coarse, fixed_fine, feature_0.5), then both
 transformers. Every model goes through the real trainers, so each costs its XLA compilations
 (mostly the train-state init: ~25-50 s per model on 2 CPU cores); the entropy models differ only
@@ -107,11 +108,14 @@ def test_clean_makes_json_safe():
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+  """The smoke run (~2.5 min of XLA compilation on 2 cores: outside the CI budget, so its tests
+  carry the `bench` mark and run with `python -m pytest -m bench`)."""
   settings = claims.settings_for("smoke", models=("fixed_coarse", "fixed_fine", "feature_0.5"))
   workdir = tmp_path_factory.mktemp("claims")
   return settings, workdir, claims.run_claims(settings, str(workdir))
 
 
+@pytest.mark.bench
 def test_smoke_run_reports_every_model_and_field(smoke_run):
   settings, workdir, doc = smoke_run
   names = [spec["name"] for spec in claims.model_specs(settings)]
@@ -142,6 +146,7 @@ def test_smoke_run_reports_every_model_and_field(smoke_run):
   assert "entropy_thresholds" not in doc["phases_seconds"]  # no entropy model, no table
 
 
+@pytest.mark.bench
 def test_smoke_run_times_both_samplers(smoke_run):
   settings, _, doc = smoke_run
   stage2 = doc["stage2"]
@@ -166,6 +171,7 @@ def test_smoke_run_times_both_samplers(smoke_run):
   assert stage2["fixed_over_dq_tokens"] == pytest.approx(grid["tokens_mean"] / dq["tokens_mean"])
 
 
+@pytest.mark.bench
 def test_smoke_run_writes_json_and_markdown(smoke_run):
   settings, workdir, doc = smoke_run
   assert json.loads((workdir / "claims.json").read_text()) == doc

@@ -5,15 +5,17 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
 import numpy as np
 
-from cli_util import tiny_vae_flags
+from cli_util import subprocess_env, tiny_vae_flags
 from dq.train.checkpoint import restore_params_from
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
+CACHE_DIR = tempfile.mkdtemp(prefix="dq_multiprocess_cache_")  # the resumed pair reuses it
 STEPS = 6
 OVERRIDES = tiny_vae_flags(
     STEPS, 2, "--config.optim.eps=0.001")  # eps: Adam's first updates ~linear in the gradient
@@ -29,8 +31,7 @@ def _free_port() -> int:
 
 
 def _start(workdir, devices, extra=(), log=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = subprocess_env(devices, CACHE_DIR)
   return subprocess.Popen(
       [sys.executable, "-m", "dq.main", f"--workdir={workdir}", *OVERRIDES, *extra], cwd=REPO,
       env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

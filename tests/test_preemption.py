@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from cli_util import tiny_vae_flags
+from cli_util import subprocess_env, tiny_vae_flags
 from dq.train import transformer_trainer as tt
 from dq.train.checkpoint import restore_params_from
 
@@ -51,8 +51,7 @@ app.run(main.main)
 
 
 def _start(workdir, log, cache_dir, **env_extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2", **env_extra)
+  env = subprocess_env(2, cache_dir, **env_extra)
   return subprocess.Popen([sys.executable, "-c", DRIVER, f"--workdir={workdir}", *OVERRIDES],
                           cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                           start_new_session=True)
