@@ -6,17 +6,8 @@ set -euo pipefail
 
 readonly SYNOPSIS="usage: $0 CONFIG[:args] WORKDIR [--config.x=y ...] [--dry-run]"
 
-die_usage() {
-  printf '%s: %s\n%s\n' "$0" "$*" "$SYNOPSIS" >&2
-  exit 2
-}
-
-# Prints a command as one shell-quoted line.
-print_cmd() {
-  local line
-  printf -v line '%q ' "$@"
-  printf '%s\n' "${line% }"
-}
+# shellcheck source-path=SCRIPTDIR source=common.bash
+source "$(dirname "${BASH_SOURCE[0]}")/common.bash"
 
 case "${1:-}" in
   -h | --help)

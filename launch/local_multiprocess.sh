@@ -6,6 +6,10 @@ set -euo pipefail
 
 readonly SYNOPSIS="usage: $0 [-n NUM_PROCESSES] [--port P] [--devices-per-process D | --gpus LIST] \
 [--python PYTHON] CONFIG[:args] WORKDIR [--config.x=y ...] [-- extra dq.main flags] [--dry-run]"
+
+# shellcheck source-path=SCRIPTDIR source=common.bash
+source "$(dirname "${BASH_SOURCE[0]}")/common.bash"
+
 readonly KILL_GRACE_S=10
 
 usage() {
@@ -32,18 +36,6 @@ options:
 EOF
 }
 
-die_usage() {
-  printf '%s: %s\n%s\n(%s --help lists the options)\n' "$0" "$*" "$SYNOPSIS" "$0" >&2
-  exit 2
-}
-
-# Prints a command as one shell-quoted line.
-print_cmd() {
-  local line
-  printf -v line '%q ' "$@"
-  printf '%s\n' "${line% }"
-}
-
 num_processes=2
 port="${DQ_COORDINATOR_PORT:-12321}"
 devices_per_process=""
@@ -56,18 +48,6 @@ extra=()
 # Sets $value from `--opt=value` or `--opt value` and $consumed to the number of args used.
 value=""
 consumed=0
-take_value() {
-  local opt="$1"
-  shift
-  case "$1" in
-    "$opt"=*) value="${1#"$opt"=}"; consumed=1 ;;
-    *)
-      [ $# -ge 2 ] && [[ "$2" != -* ]] || die_usage "$opt needs a value"
-      value="$2"; consumed=2 ;;
-  esac
-  [ -n "$value" ] || die_usage "$opt needs a non-empty value"
-}
-
 while [ $# -gt 0 ]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;

@@ -7,6 +7,9 @@ readonly SYNOPSIS="usage: $0 [--nodes N] [--gpus-per-node G] [--mode per-gpu|per
 [--partition P] [--time T] [--venv PATH] [options] CONFIG[:args] WORKDIR [--config.x=y ...] \
 [-- extra dq.main flags] [--dry-run] [--submit]"
 
+# shellcheck source-path=SCRIPTDIR source=common.bash
+source "$(dirname "${BASH_SOURCE[0]}")/common.bash"
+
 usage() {
   cat <<EOF
 $SYNOPSIS
@@ -35,18 +38,6 @@ options:
 EOF
 }
 
-die_usage() {
-  printf '%s: %s\n%s\n(%s --help lists the options)\n' "$0" "$*" "$SYNOPSIS" "$0" >&2
-  exit 2
-}
-
-# Prints a command as one shell-quoted line.
-print_cmd() {
-  local line
-  printf -v line '%q ' "$@"
-  printf '%s\n' "${line% }"
-}
-
 # An absolute path for a relative local one (left alone: absolute paths and URLs like gs://).
 absolute() {
   case "$1" in
@@ -73,18 +64,6 @@ extra=()
 # Sets $value from `--opt=value` or `--opt value` and $consumed to the number of args used.
 value=""
 consumed=0
-take_value() {
-  local opt="$1"
-  shift
-  case "$1" in
-    "$opt"=*) value="${1#"$opt"=}"; consumed=1 ;;
-    *)
-      [ $# -ge 2 ] && [[ "$2" != -* ]] || die_usage "$opt needs a value"
-      value="$2"; consumed=2 ;;
-  esac
-  [ -n "$value" ] || die_usage "$opt needs a non-empty value"
-}
-
 while [ $# -gt 0 ]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;

@@ -16,6 +16,9 @@ attributes/agent-worker-number"
 readonly SYNOPSIS="usage: $0 {create|setup|run|tail|stop|delete} [options] [--config.x=y ...] \
 [-- extra dq.main flags]"
 
+# shellcheck source-path=SCRIPTDIR source=common.bash
+source "$(dirname "${BASH_SOURCE[0]}")/common.bash"
+
 usage() {
   cat <<EOF
 $SYNOPSIS
@@ -54,18 +57,6 @@ options (environment variable defaults in brackets):
   --dry-run              print every command (one per line, shell-quoted) and run nothing
   -h, --help             this message
 EOF
-}
-
-die_usage() {
-  printf '%s: %s\n%s\n(%s --help lists the options)\n' "$0" "$*" "$SYNOPSIS" "$0" >&2
-  exit 2
-}
-
-# Prints a command as one shell-quoted line.
-print_cmd() {
-  local line
-  printf -v line '%q ' "$@"
-  printf '%s\n' "${line% }"
 }
 
 # Runs a command, or only prints it under --dry-run.
@@ -126,19 +117,6 @@ worker="0"
 yes=0
 dry_run=0
 extra=()
-
-# Sets $value from `--opt=value` or `--opt value`; returns how many args were consumed.
-take_value() {
-  local opt="$1"
-  shift
-  case "$1" in
-    "$opt"=*) value="${1#"$opt"=}"; consumed=1 ;;
-    *)
-      [ $# -ge 2 ] && [[ "$2" != -* ]] || die_usage "$opt needs a value"
-      value="$2"; consumed=2 ;;
-  esac
-  [ -n "$value" ] || die_usage "$opt needs a non-empty value"
-}
 
 value=""
 consumed=0

@@ -13,19 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dq.configs import transformer_base_config
 from dq.data.pipeline import make_dataset
 from dq.evaluation import fid
 from dq.evaluation import fid_jobs
 from dq.evaluation import inception as inc
 from dq.evaluation.reference_stats import features_in_batches
-from dq.stage2.build import build_transformer, default_transformer_config
+from dq.stage2.build import build_transformer
 from dq.stage2.stage1 import load_stage1
 from dq.tools import convert_official_transformer as convert_transformer
 from dq.train import checkpoint as ckpt
 from dq.train import transformer_step as ts
 from dq.train import transformer_trainer as tt
 from stage1_util import make_tiny_stage1
+from stage2_util import tiny_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 EVAL_IMAGES = 8
@@ -178,28 +178,13 @@ def test_stage1_job_rfid_matches_direct_computation(tmp_path, stage1_dir, vae,
   assert again["rfid"] == pytest.approx(shifted, rel=1e-5)
 
 
-def tiny_stage2_config(stage1_path):
-  config = transformer_base_config()
-  config.stage1.path = stage1_path
-  config.data.name = "embedded"
-  config.data.embedded.update(dict(procedural_fraction=1.0, photos=False, train_size=64,
-                                   eval_size=16))
-  config.class_conditional = True
-  config.model = default_transformer_config()
-  config.model.update(dict(n_embd=32, n_head=2, position_layers=1, content_layers=1))
-  config.optim.update(dict(schedule="constant", warmup_steps=0))
-  config.train.update(dict(batch_size=8, num_steps=1, log_every=1, sample_every=0,
-                           checkpoint_every=1, async_checkpointing=False, tensorboard=False))
-  return config
-
-
 @pytest.fixture(scope="module")
 def stage2_dir(stage1_dir, vae, tmp_path_factory):
   """A stage-2 workdir as the trainer leaves it: config.json and an orbax checkpoint at step 1
   whose `params` (random, drawn in numpy: no init compilation) and `step` the trainer's
   `restore_params` reads."""
   workdir = str(tmp_path_factory.mktemp("stage2"))
-  config = tiny_stage2_config(stage1_dir)
+  config = tiny_config(stage1_dir)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=1))
   layout = tt.make_layout(config, vae, tt.resolve_data_config(config, vae))

@@ -16,6 +16,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = ("local.sh", "local_multiprocess.sh", "slurm_gpu.sh", "tpu_pod.sh")
+LIBRARY = "common.bash"  # sourced by every script
 LIBTPU_RELEASES = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 TPU_ARGS = ("--name", "my-tpu", "--zone", "us-central2-b")
 # Overrides whose quoting must survive every level (local shell, ssh command, remote shell).
@@ -116,9 +117,10 @@ def test_all_scripts_present_and_executable_by_bash():
     assert "set -euo pipefail" in (LAUNCH / name).read_text(), name
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", SCRIPTS + (LIBRARY,))
 def test_shellcheck_clean(name):
-  result = subprocess.run([_shellcheck(), "--severity=style", str(LAUNCH / name)],
+  # -x follows `source common.bash`, so the scripts are checked with the helpers they use.
+  result = subprocess.run([_shellcheck(), "-x", "--severity=style", str(LAUNCH / name)],
                           capture_output=True, text=True)
   assert result.returncode == 0, result.stdout + result.stderr
 

@@ -1,5 +1,4 @@
 """LPIPS (VGG16) module, weight converter and loader."""
-import os
 import pathlib
 import pickle
 import sys

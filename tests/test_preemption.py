@@ -139,7 +139,7 @@ def stage1_dir(tmp_path_factory):
 
 
 def _stage2_config(stage1_dir, steps):
-  from test_train_transformer import tiny_config
+  from stage2_util import tiny_config
   return tiny_config(stage1_dir, steps, checkpoint_every=100)
 
 

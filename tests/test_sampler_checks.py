@@ -18,7 +18,7 @@ from dq.train import transformer_step as ts
 from dq.train import transformer_trainer as tt
 from dq.train.loop import save_config
 from stage1_util import random_variables, tiny_model_config
-from test_train_transformer import tiny_config
+from stage2_util import tiny_config
 
 NUM_CLASSES = 9  # the embedded data's classes
 
@@ -96,31 +96,40 @@ def _restored_params(runs, run: str):
   return ckpt.restore_params_from(runs["workdirs"][run])["params"]
 
 
-def test_checkpoint_layout_check_names_codebook_grid_and_length(runs):
+LAYOUT_MISMATCHES = {
+    "codebook": (TokenLayout(4, 8, 32, NUM_CLASSES),
+                 "content vocabulary: checkpoint 29 ids, expected 45 (codebook_size=32 + 3 "
+                 "special ids + 10 class ids). config.stage1.path must be the DQ-VAE the "
+                 "transformer was trained with (same codebook size and grids), with the same "
+                 "classes (config.class_conditional, data) and config.tokens.max_len"),
+    "grids": (TokenLayout(8, 16, 16, NUM_CLASSES),
+              "coarse positions: checkpoint 19 ids, expected 67 (64 cells of the 8x8 coarse grid "
+              "+ 3 special ids); fine positions: checkpoint 67 ids, expected 259 (256 cells of "
+              "the 16x16 fine grid + 3 special ids); sequence length: checkpoint 68 tokens, "
+              "expected 260 (tokens.max_len=260)"),
+    # A class-conditional checkpoint sampled as unconditional.
+    "classes": (TokenLayout(4, 8, 16),
+                "content vocabulary: checkpoint 29 ids, expected 19 (codebook_size=16 + 3 "
+                "special ids)"),
+    "max_len": (TokenLayout(4, 8, 16, NUM_CLASSES, max_len=40),
+                "sequence length: checkpoint 68 tokens, expected 40 (tokens.max_len=40)"),
+}
+
+
+@pytest.mark.parametrize("mismatch", sorted(LAYOUT_MISMATCHES))
+def test_checkpoint_layout_check_names_the_mismatch(runs, mismatch):
   params = _restored_params(runs, "cond")
   source = f"checkpoint {runs['workdirs']['cond']}"
   smp.check_checkpoint_matches_layout(params, runs["layouts"]["cond"], source)  # fits
+  layout, message = LAYOUT_MISMATCHES[mismatch]
   with pytest.raises(ValueError, match=re.escape(
-      f"{source} does not fit the token layout (trained for another one): content vocabulary: "
-      "checkpoint 29 ids, expected 45 (codebook_size=32 + 3 special ids + 10 class ids). "
-      "config.stage1.path must be the DQ-VAE the transformer was trained with (same codebook "
-      "size and grids), with the same classes (config.class_conditional, data) and "
-      "config.tokens.max_len")):
-    smp.check_checkpoint_matches_layout(params, TokenLayout(4, 8, 32, NUM_CLASSES), source)
-  with pytest.raises(ValueError, match=re.escape(
-      "coarse positions: checkpoint 19 ids, expected 67 (64 cells of the 8x8 coarse grid + 3 "
-      "special ids); fine positions: checkpoint 67 ids, expected 259 (256 cells of the 16x16 "
-      "fine grid + 3 special ids); sequence length: checkpoint 68 tokens, expected 260 "
-      "(tokens.max_len=260)")):
-    smp.check_checkpoint_matches_layout(params, TokenLayout(8, 16, 16, NUM_CLASSES), source)
-  with pytest.raises(ValueError, match=re.escape(
-      "content vocabulary: checkpoint 29 ids, expected 19 (codebook_size=16 + 3 special "
-      "ids)")):  # a class-conditional checkpoint sampled as unconditional
-    smp.check_checkpoint_matches_layout(params, runs["layouts"]["uncond"], source)
-  with pytest.raises(ValueError, match=re.escape(
-      "sequence length: checkpoint 68 tokens, expected 40 (tokens.max_len=40)")):
-    smp.check_checkpoint_matches_layout(params, TokenLayout(4, 8, 16, NUM_CLASSES, max_len=40),
-                                        source)
+      f"{source} does not fit the token layout (trained for another one): ") + ".*"
+                     + re.escape(message)):
+    smp.check_checkpoint_matches_layout(params, layout, source)
+
+
+def test_checkpoint_layout_check_refuses_trees_that_are_not_params(runs):
+  params = _restored_params(runs, "cond")
   with pytest.raises(ValueError, match=r"pass the params tree itself, not \{'params': \.\.\.\}"):
     smp.check_checkpoint_matches_layout({"params": params}, runs["layouts"]["cond"])
   with pytest.raises(ValueError, match="has no content_emb/embedding: not a DQ-Transformer"):

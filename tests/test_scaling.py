@@ -107,7 +107,7 @@ def _stage2_step(mesh, microbatches=1, rules=()):
   """One stage-2 step on `mesh`; returns (state, metrics, lowered text, compiled HLO text)."""
   from dq.stage2.build import build_transformer
   from dq.train import transformer_step as ts
-  from test_train_transformer import LAYOUT, random_batch, tiny_model_config
+  from stage2_util import LAYOUT, random_batch, tiny_model_config
   from dq.configs import transformer_base_config
   optim = transformer_base_config().optim
   optim.update(dict(lr=1e-2, eps=1e-3, schedule="constant", warmup_steps=0))
@@ -197,7 +197,7 @@ def test_stage2_tensor_parallel_step_matches_single_device(stage2_single_device,
 def test_stage2_logits_stay_split_over_the_batch():
   """On mesh (4, 2) the [B, T, V] and [B, T, P] logits carry a batch sharding constraint and
   no device ever holds them whole (no full-batch logits buffer in the compiled step)."""
-  from test_train_transformer import LAYOUT
+  from stage2_util import LAYOUT
   _, _, lowered, compiled = _stage2_on(4, 2)
   steps = LAYOUT.max_len - 1
   for width in (LAYOUT.content_vocab_size, LAYOUT.fine_position_vocab_size):

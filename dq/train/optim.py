@@ -6,6 +6,9 @@ from typing import Any, Callable
 import jax
 import optax
 
+OPTIMIZERS = ("adam", "adamw")      # config.optim.name
+SCHEDULES = ("cosine", "constant")  # config.optim.schedule
+
 
 def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0,
                   end_factor: float = 0.0, kind: str = "cosine") -> optax.Schedule:
@@ -15,7 +18,7 @@ def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0,
   elif kind == "cosine":
     main = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup_steps), alpha=end_factor)
   else:
-    raise ValueError(f"config.optim.schedule={kind!r}: expected 'cosine' or 'constant'")
+    raise ValueError(f"config.optim.schedule={kind!r}: expected one of {SCHEDULES}")
   if warmup_steps <= 0:
     return main
   warmup = optax.linear_schedule(0.0, lr, warmup_steps)
@@ -43,7 +46,7 @@ def make_optimizer(optim_cfg: Any, total_steps: int, *,
     opt = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.get("eps", 1e-8),
                       weight_decay=optim_cfg.weight_decay, mask=decay_mask)
   else:
-    raise ValueError(f"config.optim.name={name!r}: expected 'adam' or 'adamw'")
+    raise ValueError(f"config.optim.name={name!r}: expected one of {OPTIMIZERS}")
   parts = []
   if optim_cfg.get("grad_clip", 0.0):
     parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))

@@ -9,10 +9,9 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
+from dq.train.optim import OPTIMIZERS, SCHEDULES
 from dq.validate.checker import STAGE_MODES, Checker, is_section, one_line, plain
 
-OPTIMIZERS = ("adam", "adamw")              # dq.train.optim.make_optimizer
-SCHEDULES = ("cosine", "constant")          # dq.train.optim.make_schedule
 
 
 def check_keys(c: Checker) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 
+from dq.losses.gan import DISC_LOSSES
 from dq.validate.checker import (Checker, is_int, is_remote, one_line, plain, read_json,
                                  run_config_path, show)
 from dq.validate.common import (check_data, check_mesh_and_batches, check_optim, check_sharding,
                                 check_train_loop)
 
-DISC_LOSSES = ("hinge", "non_saturating")   # dq.losses.gan
 # DQ-VAE fields that change parameter shapes: an init_from checkpoint must agree on them.
 VAE_SHAPE_FIELDS = ("resolution", "ch", "ch_mult", "num_res_blocks", "attn_resolutions",
                     "z_channels", "num_grains", "codebook_size", "embed_dim", "dec_ch",
