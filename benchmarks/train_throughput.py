@@ -8,7 +8,9 @@ layers, bf16 compute, fp32 master weights) on 256 px tokens (coarse 16x16, fine 
 `dq.train.throughput` and the device's dense bf16 peak (null when unknown, e.g. CPU).
 
   python benchmarks/train_throughput.py [--stage 2] [--batch 32] [--steps 10] [--dtype bfloat16]
-Prints one JSON line.
+  python benchmarks/train_throughput.py --stage 2 --size paper --batch 32 --compile_only  # CPU
+`--compile_only` compiles the stage-2 step without running it and reports XLA's FLOP count next
+to the analytic one (the MFU numerator) and the compiled per-device memory. Prints one JSON line.
 """
 import argparse
 import importlib.util
@@ -59,10 +61,27 @@ def packed_batch(layout: TokenLayout, batch: int, fine_regions: int) -> dict:
   return pack_tokens(codes, grain, layout)
 
 
+def compiled_report(step, state, batch, analytic_flops: float) -> dict:
+  """XLA's FLOP count and per-device memory of one compiled step, next to the analytic count."""
+  compiled = step.lower(state, batch).compile()
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  xla_flops = float((analysis or {}).get("flops", 0.0))
+  memory = compiled.memory_analysis()
+  report = {"xla_tflops_per_step": xla_flops / 1e12,
+            "analytic_over_xla_flops": analytic_flops / xla_flops if xla_flops else None}
+  if memory is not None:
+    report["memory_gib_per_device"] = {
+        name: getattr(memory, f"{name}_size_in_bytes") / 2**30
+        for name in ("argument", "output", "temp", "generated_code")}
+  return report
+
+
 def stage2(args, accelerator: bool) -> dict:
   layout = TokenLayout(coarse_size=16, fine_size=32, codebook_size=1024, max_len=644)
   model_cfg = default_transformer_config()
-  if accelerator:
+  if args.size == "paper" or (args.size == "auto" and accelerator):
     model_cfg.update(dict(n_embd=1024, n_head=8, position_layers=6, content_layers=18))
   else:
     model_cfg.update(dict(n_embd=128, n_head=4, position_layers=2, content_layers=4))
@@ -82,17 +101,17 @@ def stage2(args, accelerator: bool) -> dict:
   step = jax.jit(update_fn, in_shardings=(shardings, sh.batch_sharding(mesh)),
                  out_shardings=(shardings, sh.replicated(mesh)), donate_argnums=0)
   batch = sh.shard_batch(packed_batch(layout, args.batch, 128), mesh)
-  seconds, _ = timed(step, state, batch, args.steps)
   context = layout.max_len - 1
   step_flops = throughput.model_flops_per_token(model, context) * args.batch * context
   params = int(sum(np.size(p) for p in jax.tree.leaves(jax.eval_shape(init_fn, rng).params)))
-  return {
-      "model": dict(model_cfg), "batch": args.batch, "tokens_per_sequence": layout.max_len,
-      "step_seconds": seconds, "tokens_per_sec": args.batch * layout.max_len / seconds,
-      "model_tflops_per_step": step_flops / 1e12,
-      "mfu": throughput.mfu(step_flops, 1.0 / seconds, jax.devices()),
-      "params": params,
-  }
+  result = {"model": dict(model_cfg), "batch": args.batch, "tokens_per_sequence": layout.max_len,
+            "model_tflops_per_step": step_flops / 1e12, "params": params}
+  if args.compile_only:
+    return {**result, **compiled_report(step, state, batch, step_flops)}
+  seconds, _ = timed(step, state, batch, args.steps)
+  return {**result, "step_seconds": seconds,
+          "tokens_per_sec": args.batch * layout.max_len / seconds,
+          "mfu": throughput.mfu(step_flops, 1.0 / seconds, jax.devices())}
 
 
 def stage1(args, accelerator: bool) -> dict:
@@ -135,6 +154,10 @@ def main():
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   parser.add_argument("--attention", default="", help="'' (plain XLA), 'xla' or 'cudnn'")
+  parser.add_argument("--size", default="auto", choices=["auto", "paper", "tiny"],
+                      help="stage 2: paper = d 1024, 6+18 layers (auto: paper on accelerators)")
+  parser.add_argument("--compile_only", action="store_true",
+                      help="stage 2: compile the step and report XLA's FLOPs and memory, no run")
   args = parser.parse_args()
   accelerator = jax.default_backend() != "cpu"
   results = {}

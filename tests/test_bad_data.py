@@ -11,6 +11,7 @@ import pytest
 
 from bad_images import make_bad_folder, rgb
 from dq.data import stats
+from dq.train import checkpoint as ckpt
 from dq.train import vae_trainer
 from stage1_util import tiny_model_config
 from test_train_vae import tiny_config
@@ -57,7 +58,7 @@ def bad_run(tmp_path_factory):
     logging.getLogger().removeHandler(handler)
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   return dict(root=root, valid=valid, bad=bad, state=state, rows=rows,
-              warnings=handler.messages)
+              warnings=handler.messages, workdir=workdir)
 
 
 def test_training_finishes_and_reports_skip_counts(bad_run):
@@ -68,6 +69,28 @@ def test_training_finishes_and_reports_skip_counts(bad_run):
   counts = [r["data/skipped_records"] for r in rows]
   assert counts == sorted(counts), "a running count never decreases"
   assert counts[-1] == len(bad_run["bad"]) == 8
+
+
+def test_skip_count_survives_a_resume(bad_run, tmp_path):
+  # The checkpoint carries the counts; a resumed run (a new process: fresh data counters) goes
+  # on from them instead of restarting at 0, and does not count the 8 files twice when its
+  # second epoch finds them again.
+  workdir = str(tmp_path / "run")
+  shutil.copytree(bad_run["workdir"], workdir)
+  manager = ckpt.make_manager(workdir, async_save=False)
+  assert ckpt.restore_counters(manager, NUM_STEPS) == {"skipped_records": 8,
+                                                       "nonfinite_skipped": 0}
+  config = folder_config(bad_run["root"])
+  config.train.num_steps = 2 * NUM_STEPS
+  stats.reset()
+  vae_trainer.train_and_evaluate(config, workdir)
+  assert stats.skipped_counts()[f"folder:{bad_run['root']}:train"] == 8  # found again
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  resumed = [r["data/skipped_records"] for r in rows if r["step"] > NUM_STEPS]
+  assert resumed == [8] * NUM_STEPS
+  manager = ckpt.make_manager(workdir, async_save=False)
+  assert ckpt.restore_counters(manager, 2 * NUM_STEPS) == {"skipped_records": 8,
+                                                           "nonfinite_skipped": 0}
 
 
 def test_exactly_the_undecodable_files_are_skipped(bad_run):

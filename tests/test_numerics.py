@@ -6,10 +6,12 @@ import logging
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from dq import sharding as sh
+from dq.train import checkpoint as ckpt
 from dq.train import loop
 from dq.train import vae_trainer
 from test_train_vae import tiny_config
@@ -69,6 +71,31 @@ def test_monitor_skip_mode_counts_and_flush_checks_the_last_step():
   assert monitor.skipped == 1
   monitor.flush()  # nothing pending
   assert monitor.skipped == 1
+
+
+def test_counters_are_saved_with_a_checkpoint_and_continue_after_a_resume(tmp_path):
+  train_cfg = ml_collections.ConfigDict(dict(num_steps=10, log_every=1, checkpoint_every=5,
+                                             skip_nonfinite=True))
+  manager = ckpt.make_manager(str(tmp_path), async_save=False)
+  state = ToyState(step=jnp.int32(5), params=jnp.ones(3))
+  first = loop.TrainLoop(train_cfg, manager, 0)
+  first.stepped(1, _metrics(0, loss=np.nan), skipped_records=3)
+  first.stepped(2, _metrics(1, loss=1.0), skipped_records=2)
+  assert first.counters() == {"nonfinite_skipped": 1, "skipped_records": 5}
+  ckpt.save(manager, 5, state, None, first.counters())
+  manager.wait_until_finished()
+  assert ckpt.restore_counters(manager, 5) == {"nonfinite_skipped": 1, "skipped_records": 5}
+
+  resumed = loop.TrainLoop(train_cfg, ckpt.make_manager(str(tmp_path), async_save=False), 5)
+  assert resumed.counters() == {"nonfinite_skipped": 1, "skipped_records": 5}
+  # A new process finds the same bad files again: the count does not double.
+  resumed.stepped(6, _metrics(0, loss=np.inf), skipped_records=4)
+  scalars = resumed.log_scalars(6, _metrics(1, loss=1.0), batch_size=2)
+  assert scalars["nonfinite_skipped"] == 2.0 and scalars["data/skipped_records"] == 5.0
+  resumed.stepped(7, _metrics(1, loss=1.0), skipped_records=3)  # 7 distinct in this run
+  assert resumed.counters() == {"nonfinite_skipped": 2, "skipped_records": 7}
+  fresh = loop.TrainLoop(train_cfg, manager, 0)  # a run from scratch reads no counters
+  assert fresh.counters() == {"nonfinite_skipped": 0, "skipped_records": 0}
 
 
 def test_codebook_collapse_warning(caplog):

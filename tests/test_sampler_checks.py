@@ -23,12 +23,12 @@ from stage2_util import tiny_config
 NUM_CLASSES = 9  # the embedded data's classes
 
 
-def save_stage1(directory: str, **model) -> str:
+def save_stage1(directory: str, seed: int = 0, **model) -> str:
   """A random (uncalibrated) tiny DQ-VAE as a converted folder: 32 px, coarse 4x4, fine 8x8,
   K=16 unless `model` overrides config.model fields."""
   cfg = tiny_model_config()
   cfg.update(model)
-  save_converted(directory, random_variables(build_dqvae(cfg), cfg, seed=0), cfg.to_dict())
+  save_converted(directory, random_variables(build_dqvae(cfg), cfg, seed=seed), cfg.to_dict())
   return directory
 
 
@@ -44,6 +44,7 @@ def save_stage2_run(workdir: str, stage1_dir: str, class_conditional: bool) -> T
   manager = ckpt.make_manager(workdir, async_save=False)
   ckpt.save(manager, 1, state, None)
   manager.wait_until_finished()
+  tt.record_stage1(workdir, stage1)  # as the trainer does
   config.stage = "transformer"
   save_config(config, workdir)
   return layout
@@ -60,11 +61,13 @@ def stage2_config(stage1_dir: str, class_conditional: bool = True):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """Stage-1 folders (the one stage 2 was trained with, one with another codebook, one with
-  other grids) and conditional / unconditional stage-2 workdirs trained against the first."""
+  other grids, one of the same shapes with other weights) and conditional / unconditional
+  stage-2 workdirs trained against the first."""
   base = tmp_path_factory.mktemp("sampler_checks")
   stage1 = {"trained": save_stage1(str(base / "vae")),
             "codebook32": save_stage1(str(base / "vae_k32"), codebook_size=32),
-            "grid8x16": save_stage1(str(base / "vae_64px"), resolution=64)}
+            "grid8x16": save_stage1(str(base / "vae_64px"), resolution=64),
+            "reseeded": save_stage1(str(base / "vae_seed1"), seed=1)}
   workdirs = {"cond": str(base / "cond"), "uncond": str(base / "uncond")}
   layouts = {"cond": save_stage2_run(workdirs["cond"], stage1["trained"], True),
              "uncond": save_stage2_run(workdirs["uncond"], stage1["trained"], False)}
@@ -90,6 +93,14 @@ def test_sample_mode_refuses_a_stage1_the_checkpoint_was_not_trained_with(runs, 
   with pytest.raises(ValueError, match=rf"checkpoint {workdir} does not fit the token layout "
                      r"\(trained for another one\): .*config\.stage1\.path"):
     _sample(runs, "cond", stage1=stage1)
+
+
+def test_sample_mode_refuses_a_stage1_of_the_same_shapes_with_other_weights(runs):
+  # Shapes cannot tell this one apart; the tokenizer fingerprint the run recorded can.
+  with pytest.raises(ValueError, match=re.escape(
+      f"the transformer in {runs['workdirs']['cond']} was trained on tokens of the stage-1 "
+      f"model {runs['stage1']['trained']} (tokenizer fingerprint ")):
+    _sample(runs, "cond", stage1="reseeded")
 
 
 def _restored_params(runs, run: str):

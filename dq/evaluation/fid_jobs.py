@@ -526,7 +526,7 @@ def load_generator(config: Any) -> Generator:
   abstract = jax.eval_shape(transformer_step.make_init_fn(model, tx, layout),
                             jax.random.PRNGKey(0))
   params, step, source = transformer_trainer.restore_params(run, path, abstract.params,
-                                                          layout)
+                                                          layout, vae)
   return Generator(model, layout, params, step, source, vae, run.tokens.fine_order)
 
 

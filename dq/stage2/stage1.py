@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 from typing import Any, Callable, Optional
@@ -24,6 +25,8 @@ from dq.stage2.tokens import TokenLayout, pack_tokens_jax
 from dq.tools import convert_official_dqvae as convert
 
 THRESHOLDS_FILE = "entropy_thresholds.json"
+# Parameters that only decode: a DQ-VAE whose other weights are equal makes the same tokens.
+DECODE_ONLY_PARAMS = ("decoder", "post_quant_conv")
 WORKDIR_CONFIG = "config.json"
 STAGE1_HINT = ("train stage 1 first (python -m dq.main --config=configs/demo_vae.py "
                "--workdir=DIR) or convert official weights (python -m "
@@ -41,6 +44,7 @@ class Stage1:
   fine_size: tuple[int, int]
   codebook_size: int
   source: str
+  fingerprint: str = ""
 
 
 def _is_converted(path: str) -> bool:
@@ -156,13 +160,38 @@ def load_stage1(path: str) -> Stage1:
   model = build_dqvae(model_cfg, entropy_thresholds=_entropy_thresholds(model_cfg, directory))
   variables = {"params": variables["params"], "codebook": variables.get("codebook", {})}
   _check_shapes(model, variables, path)
+  fingerprint = tokenizer_fingerprint(variables, model.entropy_thresholds)
   variables = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float32)), variables)
   image_size = int(model_cfg.resolution)
   coarse = image_size // 2 ** (len(model_cfg.ch_mult) - 1)
   fine = image_size // 2 ** (len(model_cfg.ch_mult) - 2)
   return Stage1(model=model, variables=variables, model_cfg=model_cfg, image_size=image_size,
                 coarse_size=(coarse, coarse), fine_size=(fine, fine),
-                codebook_size=int(model_cfg.codebook_size), source=path)
+                codebook_size=int(model_cfg.codebook_size), source=path,
+                fingerprint=fingerprint)
+
+
+def tokenizer_fingerprint(variables: dict, entropy_thresholds: tuple = ()) -> str:
+  """16 hex digits of a SHA-256 over what turns images into tokens: every param but the
+  decoder's (`DECODE_ONLY_PARAMS`), the codebook vectors (float32, in path order) and the
+  entropy router's thresholds.
+
+  Two DQ-VAEs with equal fingerprints make the same tokens (a decoder fine-tune keeps it);
+  another or a further-trained model gets another one.
+  """
+  digest = hashlib.sha256(f"entropy_thresholds={tuple(map(float, entropy_thresholds))};"
+                          .encode())
+  leaves = jax.tree_util.tree_flatten_with_path(
+      {"params": {k: v for k, v in variables["params"].items() if k not in DECODE_ONLY_PARAMS},
+       "codebook": variables.get("codebook", {})})[0]
+  for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+    name = jax.tree_util.keystr(path)
+    if name.startswith("['codebook']") and not name.endswith("['embedding']"):
+      continue  # EMA statistics do not change the tokens
+    array = np.ascontiguousarray(np.asarray(leaf, np.float32))
+    digest.update(f"{name}:{array.shape};".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()[:16]
 
 
 def token_layout(stage1: Stage1, num_classes: int = 0,

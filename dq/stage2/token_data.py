@@ -1,8 +1,8 @@
 """Pre-encoded token datasets: encode a split once with the DQ-VAE, then train from shards.
 
 Layout of a tokens folder:
-  meta.json              grids, codebook, image size, classes, flips, the stage-1 source and
-                         per split {num_images, shards, fine_ratio_mean}
+  meta.json              grids, codebook, image size, classes, flips, the stage-1 source and its
+                         tokenizer fingerprint, per split {num_images, shards, fine_ratio_mean}
   {split}-{i:05d}.npz    codes [N, hf, wf] (int16 when the codebook has < 32768 codes),
                          grain uint8 [N, hc, wc], label int32 [N], and with flips the codes and
                          grain of the horizontally flipped images (codes_flip, grain_flip)
@@ -29,6 +29,7 @@ from dq.stage2.stage1 import Stage1, make_encode_fn
 from dq.stage2.tokens import TokenLayout, pack_tokens
 
 META_FILE = "meta.json"
+FINGERPRINT_FIELD = "stage1_fingerprint"  # dq.stage2.stage1.tokenizer_fingerprint
 META_FORMAT = "dq-tokens/v1"
 LAYOUT_FIELDS = ("coarse_size", "fine_size", "codebook_size", "num_classes")
 RECORD_FIELDS = ("codes", "grain", "label")
@@ -79,10 +80,12 @@ def _layout_values(layout: TokenLayout) -> dict[str, Any]:
 
 
 def check_token_meta(meta: dict, layout: TokenLayout, tokens_dir: str,
-                     stage1_source: Optional[str] = None) -> None:
+                     stage1_source: Optional[str] = None,
+                     stage1_fingerprint: Optional[str] = None) -> None:
   """ValueError naming the first of coarse_size / fine_size / codebook_size / num_classes on
-  which the tokens in `tokens_dir` disagree with `layout` (and, when `stage1_source` is given,
-  when they were encoded by another stage-1 model)."""
+  which the tokens in `tokens_dir` disagree with `layout` (and, when `stage1_source` or
+  `stage1_fingerprint` is given, when they were encoded by another stage-1 model: tokens
+  written before fingerprints existed are not checked for it)."""
   expected_values = _layout_values(layout)
   if stage1_source is not None:
     expected_values["stage1"] = os.path.abspath(stage1_source)
@@ -91,6 +94,14 @@ def check_token_meta(meta: dict, layout: TokenLayout, tokens_dir: str,
     if stored != expected:
       raise ValueError(f"tokens in {tokens_dir} have {field}={stored} but the token layout "
                        f"needs {field}={expected}; re-encode them into another tokens dir")
+  stored = meta.get(FINGERPRINT_FIELD)
+  if stage1_fingerprint and stored and stored != stage1_fingerprint:
+    raise ValueError(
+        f"tokens in {tokens_dir} were encoded by a stage-1 model with tokenizer fingerprint "
+        f"{stored} (from {meta.get('stage1')}), but config.stage1.path gives fingerprint "
+        f"{stage1_fingerprint}: its encoder, router or codebook differ (another or a further-"
+        "trained DQ-VAE), so the tokens mean other codes. Re-encode them into another tokens "
+        "dir, or point config.stage1.path at the checkpoint they were made with")
 
 
 def _split_meta(meta: dict, split: str, tokens_dir: str) -> dict:
@@ -145,7 +156,7 @@ def _encode_padded(encode, images: np.ndarray, batch_size: int) -> tuple[np.ndar
 
 def _global_meta(stage1: Stage1, layout_values: dict, flips: bool) -> dict:
   return {"format": META_FORMAT, **layout_values, "image_size": stage1.image_size,
-          "flips": bool(flips), "stage1": stage1.source}
+          "flips": bool(flips), "stage1": stage1.source, FINGERPRINT_FIELD: stage1.fingerprint}
 
 
 def encode_dataset(stage1: Stage1, data_cfg: Any, out_dir: str, *, split: str = "train",
@@ -181,7 +192,7 @@ def encode_dataset(stage1: Stage1, data_cfg: Any, out_dir: str, *, split: str = 
   meta_path = os.path.join(out_dir, META_FILE)
   meta = load_token_meta(out_dir) if os.path.isfile(meta_path) else {**expected, "splits": {}}
   for field, value in expected.items():
-    if meta.get(field) != value:
+    if meta.get(field) != value and (field != FINGERPRINT_FIELD or field in meta):
       raise ValueError(f"tokens in {out_dir} were made with {field}={meta.get(field)!r}, not "
                        f"{value!r}; encode into another tokens dir or delete this one")
   if split in meta["splits"]:

@@ -1,6 +1,7 @@
 """Orbax checkpointing of the train state together with the grain iterator state.
 
-Layout: `WORKDIR/checkpoints/<step>/{state,data}`. Orbax writes into a temporary folder and
+Layout: `WORKDIR/checkpoints/<step>/{state,data,counters}` (counters: the run's running totals
+that metrics report, e.g. corrupt records and non-finite steps skipped, so they survive a resume). Orbax writes into a temporary folder and
 renames it when complete, so an interrupted save never replaces the last good checkpoint,
 and `latest_step()` only sees complete ones. The data iterator is saved *before* the next
 batch is drawn (Kauldron's order), so a resume sees exactly the batches an uninterrupted run
@@ -23,16 +24,28 @@ def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True) -> ocp
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
       options=options,
-      item_names=("state", "data"),
+      item_names=("state", "data", "counters"),
       item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data": grain.checkpoint.CheckpointHandler()})
+                     "data": grain.checkpoint.CheckpointHandler(),
+                     "counters": ocp.JsonCheckpointHandler()})
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any | None) -> None:
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any | None,
+         counters: dict[str, int] | None = None) -> None:
   items = {"state": ocp.args.StandardSave(state)}
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+  if counters is not None:
+    items["counters"] = ocp.args.JsonSave({k: int(v) for k, v in counters.items()})
   manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def restore_counters(manager: ocp.CheckpointManager, step: int) -> dict[str, int]:
+  """The counters saved with checkpoint `step` ({} when it has none, e.g. an older one)."""
+  if not _has_item(manager, step, "counters"):
+    return {}
+  restored = manager.restore(step, args=ocp.args.Composite(counters=ocp.args.JsonRestore()))
+  return {k: int(v) for k, v in restored["counters"].items()}
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any | None,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dq import sharding as sh
+from dq.train import checkpoint as ckpt
 from dq.train.preemption import PreemptionWatch
 from dq.train.progress import Progress
 
@@ -90,7 +91,11 @@ class TrainLoop:
     self.monitor = NonFiniteMonitor(manager, skip=train_cfg.get("skip_nonfinite", False))
     self.progress = Progress(self.total, start, every=self.log_every)
     self.preempted = False
-    self.skipped_records = 0  # corrupt records skipped by the data pipeline in this run
+    # Counters kept across resumes (see `counters`), from the checkpoint resumed.
+    restored = ckpt.restore_counters(manager, start) if start > 0 else {}
+    self.monitor.skipped = restored.get("nonfinite_skipped", 0)
+    self._records_before = restored.get("skipped_records", 0)
+    self.skipped_records = 0  # distinct corrupt records this process's batches reported
     self._t_log, self._s_log = time.perf_counter(), start
 
   def __enter__(self) -> "TrainLoop":
@@ -116,8 +121,8 @@ class TrainLoop:
     return step % self.log_every == 0 or step == self.total
 
   def log_scalars(self, step: int, metrics: dict, batch_size: int) -> dict:
-    """Host scalars of this step's metrics plus rates since the last log, the non-finite steps
-    skipped and the corrupt records skipped by the data pipeline (both counted in this run)."""
+    """Host scalars of this step's metrics plus rates since the last log and the running
+    totals of `counters` (`nonfinite_skipped`, `data/skipped_records`)."""
     self.monitor.flush()
     scalars = jax.device_get(metrics)
     scalars.pop("finite", None)
@@ -127,9 +132,21 @@ class TrainLoop:
     scalars["examples_per_sec"] = scalars["steps_per_sec"] * batch_size
     scalars["elapsed_since_log"] = elapsed
     self._t_log, self._s_log = now, step
-    scalars["nonfinite_skipped"] = float(self.monitor.skipped)
-    scalars["data/skipped_records"] = float(self.skipped_records)
+    scalars.update({k: float(v) for k, v in self.counters().items()})
+    scalars["data/skipped_records"] = scalars.pop("skipped_records")
     return scalars
+
+  def counters(self) -> dict[str, int]:
+    """Saved with each checkpoint; call it on every process. `nonfinite_skipped`: steps skipped
+    since the run's first step. `skipped_records`: distinct corrupt records found, summed over
+    processes (each reads its own shard); after a resume, the larger of the checkpoint's count
+    and this run's (a new process finds the same files again: adding would count them twice)."""
+    records = self.skipped_records
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      records = int(np.sum(multihost_utils.process_allgather(np.asarray(records, np.int64))))
+    return {"nonfinite_skipped": self.monitor.skipped,
+            "skipped_records": max(self._records_before, records)}
 
   def save_due(self, step: int) -> bool:
     """True when this step must be checkpointed (cadence, last step, or a stop request); the

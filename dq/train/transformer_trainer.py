@@ -38,6 +38,7 @@ from dq.train.writers import create_writer
 
 NUM_GRAINS = 2  # the token layout is dual grain
 GRID_COLUMNS = 4  # (sample | grain overlay) pairs per grid row
+STAGE1_RECORD = "stage1.json"  # the DQ-VAE a stage-2 run trains on: path and fingerprint
 
 
 def load_stage1(config: Any) -> stage1_lib.Stage1:
@@ -51,6 +52,50 @@ def load_stage1(config: Any) -> stage1_lib.Stage1:
   logging.info("Stage 1 from %s: %d px, coarse %s, fine %s, codebook %d", path,
                stage1.image_size, stage1.coarse_size, stage1.fine_size, stage1.codebook_size)
   return stage1
+
+
+def _stage1_record_path(run_dir: str) -> Optional[str]:
+  """WORKDIR/stage1.json of a stage-2 run given its workdir or one of its checkpoint folders."""
+  for directory in (run_dir, os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))):
+    path = os.path.join(directory, STAGE1_RECORD)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def check_stage1_of_run(run_dir: str, stage1: stage1_lib.Stage1) -> None:
+  """ValueError when the stage-2 run in `run_dir` was trained on the tokens of another DQ-VAE
+  than `stage1` (its recorded tokenizer fingerprint differs); runs without a record (converted
+  official folders, older runs) pass."""
+  path = _stage1_record_path(run_dir)
+  if path is None:
+    return
+  with open(path) as f:
+    record = json.load(f)
+  trained = record.get("fingerprint")
+  if trained and stage1.fingerprint and trained != stage1.fingerprint:
+    raise ValueError(
+        f"the transformer in {run_dir} was trained on tokens of the stage-1 model "
+        f"{record.get('path')} (tokenizer fingerprint {trained}), but config.stage1.path="
+        f"{stage1.source} gives fingerprint {stage1.fingerprint}: its encoder, router or codebook "
+        "differ (another or a further-trained DQ-VAE), so its codes mean something else. Point "
+        "config.stage1.path at the model the transformer was trained with (a stage-1 workdir's "
+        "checkpoints/STEP folder pins one checkpoint)")
+
+
+def record_stage1(workdir: str, stage1: stage1_lib.Stage1) -> None:
+  """Writes WORKDIR/stage1.json {path, fingerprint} on a run's first start; on a resume,
+  checks that config.stage1.path still gives the same tokenizer."""
+  path = os.path.join(workdir, STAGE1_RECORD)
+  if os.path.isfile(path):
+    check_stage1_of_run(workdir, stage1)
+    return
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+      json.dump({"path": stage1.source, "fingerprint": stage1.fingerprint}, f, indent=1)
+    os.replace(temporary, path)
 
 
 def resolve_data_config(config: Any, stage1: stage1_lib.Stage1) -> Any:
@@ -108,7 +153,8 @@ class TrainTokens:
         if jax.process_index() == 0:
           encode_split(config, stage1, data_cfg, layout, directory, "train")
         _sync("dq_token_encode")
-      token_data.check_token_meta(token_data.load_token_meta(directory), layout, directory)
+      token_data.check_token_meta(token_data.load_token_meta(directory), layout, directory,
+                                  stage1_fingerprint=stage1.fingerprint)
       dataset = token_data.make_token_dataset(
           directory, layout, split="train", batch_size=local_batch_size, seed=config.seed,
           train=True, flip=config.tokens.flip, fine_order=config.tokens.fine_order, **shard)
@@ -195,6 +241,7 @@ def init_params_from(path: str, state: TransformerState, abstract: TransformerSt
 def setup(config: Any, workdir: str):
   """Stage 1, layout, mesh, model, optimizer, state (resumed or fresh) and the token batches."""
   stage1 = load_stage1(config)
+  record_stage1(workdir, stage1)
   data_cfg = resolve_data_config(config, stage1)
   layout = make_layout(config, stage1, data_cfg)
   mesh = sh.make_mesh(config.get("mesh"))
@@ -272,7 +319,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TransformerState:
       if generate is not None and (step % sample_every == 0 or step == total):
         _write_sample_grid(writer, generate, decode_partial, state.params, config, layout, step)
       if loop.save_due(step):
-        ckpt.save(manager, step, state, tokens.iterator)
+        ckpt.save(manager, step, state, tokens.iterator, loop.counters())
   manager.wait_until_finished()
   writer.flush()
   return state
@@ -367,9 +414,11 @@ def _write_sample_grid(writer, generate, decode_partial, params, config, layout,
 
 
 def restore_params(config: Any, workdir: str, abstract_params: Any,
-                   layout: Optional[TokenLayout] = None) -> tuple[Any, int, str]:
+                   layout: Optional[TokenLayout] = None,
+                   stage1: Optional[stage1_lib.Stage1] = None) -> tuple[Any, int, str]:
   """(params, step, source) from the latest checkpoint in the workdir, else `init_from`; with
-  `layout`, a checkpoint trained for another stage 1 or token layout is named as such."""
+  `layout`, a checkpoint trained for another stage 1 or token layout is named as such, and with
+  `stage1`, a run trained on another DQ-VAE of the same shapes (`check_stage1_of_run`)."""
   manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints, async_save=False)
   source = workdir if manager.latest_step() is not None else config.get("init_from")
   if not source:
@@ -380,6 +429,8 @@ def restore_params(config: Any, workdir: str, abstract_params: Any,
   params = restored["params"]
   if layout is not None:
     sampling.check_checkpoint_matches_layout(params, layout, f"checkpoint {source}")
+  if stage1 is not None:  # same shapes, other weights
+    check_stage1_of_run(source, stage1)
   if jax.tree.structure(params) != jax.tree.structure(abstract_params) or any(
       np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(params),
                                              jax.tree.leaves(abstract_params))):
@@ -404,7 +455,7 @@ def sample(config: Any, workdir: str) -> str:
   labels = sample_labels(config, layout, count)
   tx, _ = make_transformer_optimizer(config.optim, config.train.num_steps)
   abstract = jax.eval_shape(make_init_fn(model, tx, layout), jax.random.PRNGKey(0))
-  params, step, source = restore_params(config, workdir, abstract.params, layout)
+  params, step, source = restore_params(config, workdir, abstract.params, layout, stage1)
   params = jax.device_put(params, jax.local_devices()[0])  # once, not per batch
   generate = make_generate_fn(model, layout, stage1, sampling_cfg)
   logging.info("Sampling %d images in batches of %d from %s (step %d), %s", count, batch_size,

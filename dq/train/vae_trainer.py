@@ -210,7 +210,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
                                          or step == total) and not loop.preempted:
         _write_summary(writer, reconstruct, state, summary_images, config.model, step)
       if loop.save_due(step):
-        ckpt.save(manager, step, state, train_iter)
+        ckpt.save(manager, step, state, train_iter, loop.counters())
   manager.wait_until_finished()
   if loop.preempted:
     writer.flush()
