@@ -85,7 +85,7 @@ def stage2(args, accelerator: bool) -> dict:
     model_cfg.update(dict(n_embd=1024, n_head=8, position_layers=6, content_layers=18))
   else:
     model_cfg.update(dict(n_embd=128, n_head=4, position_layers=2, content_layers=4))
-  model_cfg.update(dict(dtype=args.dtype, dropout=0.0))
+  model_cfg.update(dict(dtype=args.dtype, dropout=0.0, remat=args.remat))
   if args.attention:
     model_cfg.attention_impl = args.attention
   model = build_transformer(model_cfg, layout)
@@ -156,6 +156,8 @@ def main():
   parser.add_argument("--attention", default="", help="'' (plain XLA), 'xla' or 'cudnn'")
   parser.add_argument("--size", default="auto", choices=["auto", "paper", "tiny"],
                       help="stage 2: paper = d 1024, 6+18 layers (auto: paper on accelerators)")
+  parser.add_argument("--remat", action="store_true",
+                      help="stage 2: recompute block activations in the backward pass")
   parser.add_argument("--compile_only", action="store_true",
                       help="stage 2: compile the step and report XLA's FLOPs and memory, no run")
   args = parser.parse_args()

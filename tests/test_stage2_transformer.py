@@ -188,3 +188,38 @@ def test_attention_implementations_agree(implementation):
                              atol=1e-5)
   with pytest.raises(ValueError, match="attention implementation"):
     causal_attention(query, key, value, "flash")
+
+
+def test_remat_keeps_parameters_values_and_gradients(official):
+  """`remat=True` recomputes block activations in the backward pass: the same parameter tree
+  (official weights load unchanged), logits, loss gradients and dropout; the KV-cached steps
+  (not rematerialised) still work."""
+  from dq.stage2.transformer import init_cache
+  params = {"params": convert_stackgpt_state_dict(_state_dict(official))}
+  inputs = _inputs(official)
+  plain = _official_model().clone(dropout=0.1)
+  remat = plain.clone(remat=True)
+  initialised = jax.eval_shape(remat.init, jax.random.PRNGKey(0), *inputs)["params"]
+  assert jax.tree.structure(initialised) == jax.tree.structure(params["params"])
+
+  def loss(model, p):
+    position, content = model.apply({"params": p}, *inputs, deterministic=False,
+                                    rngs={"dropout": jax.random.PRNGKey(3)})
+    return jnp.mean(position**2) + jnp.mean(jnp.sin(content))
+
+  values = {}
+  for name, model in (("plain", plain), ("remat", remat)):
+    values[name] = jax.jit(jax.value_and_grad(lambda p, m=model: loss(m, p)))(params["params"])
+  np.testing.assert_allclose(values["remat"][0], values["plain"][0], rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(values["remat"][1]), jax.tree.leaves(values["plain"][1])):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  # The backward pass recomputes the blocks behind optimisation barriers (one per block).
+  barriers = {name: jax.jit(jax.grad(lambda p, m=model: loss(m, p))).lower(
+      params["params"]).as_text().count("optimization_barrier") for name, model in
+              (("plain", plain), ("remat", remat))}
+  assert barriers["plain"] == 0 and barriers["remat"] >= 5, barriers
+  token = [jnp.full((2,), value, jnp.int32) for value in (66, 18, 0)]
+  steps = [model.apply(params, *token, jnp.int32(0), init_cache(model, 2, 4)["position"],
+                       method="position_step") for model in (plain, remat)]
+  for got, want in zip(jax.tree.leaves(steps[1]), jax.tree.leaves(steps[0])):
+    np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -23,6 +23,7 @@ def default_transformer_config() -> ml_collections.ConfigDict:
       # None: plain XLA einsum attention; 'xla' or 'cudnn': jax.nn.dot_product_attention.
       attention_impl=ml_collections.config_dict.placeholder(str),
       dtype="float32",  # compute dtype: 'float32' | 'bfloat16' (params stay float32)
+      remat=False,  # recompute block activations in the backward pass (less memory)
   ))
 
 
@@ -69,4 +70,5 @@ def build_transformer(model_cfg: Any, layout: TokenLayout) -> StackedTransformer
       n_embd=n_embd,
       dropout=dropout,
       attention_impl=attention_impl,
-      dtype=DTYPES[dtype])
+      dtype=DTYPES[dtype],
+      remat=bool(model_cfg.get("remat", False)))
