@@ -1,11 +1,11 @@
 """Orbax checkpointing of the train state together with the grain iterator state.
 
-Layout: `WORKDIR/checkpoints/<step>/{state,data,counters}` (counters: the run's running totals
-that metrics report, e.g. corrupt records and non-finite steps skipped, so they survive a resume). Orbax writes into a temporary folder and
-renames it when complete, so an interrupted save never replaces the last good checkpoint,
-and `latest_step()` only sees complete ones. The data iterator is saved *before* the next
-batch is drawn (Kauldron's order), so a resume sees exactly the batches an uninterrupted run
-would have seen.
+Layout: `WORKDIR/checkpoints/<step>/{state,data,counters}`; counters are the totals that metrics
+report (corrupt records and non-finite steps skipped), kept so that they survive a resume.
+Orbax writes into a temporary folder and renames it when complete, so an interrupted save never
+replaces the last good checkpoint, and `latest_step()` only sees complete ones. The data
+iterator is saved *before* the next batch is drawn (Kauldron's order), so a resume sees exactly
+the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
