@@ -18,6 +18,8 @@ print_cmd() {
 
 # take_value OPT "$@": the value of OPT given as `OPT=V` or `OPT V`, in $value; $consumed is the
 # number of arguments it took (1 or 2). A missing or empty value is a usage error.
+value=""
+consumed=0
 take_value() {
   local opt="$1"
   shift

@@ -45,9 +45,6 @@ dry_run=0
 positional=()
 extra=()
 
-# Sets $value from `--opt=value` or `--opt value` and $consumed to the number of args used.
-value=""
-consumed=0
 while [ $# -gt 0 ]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;

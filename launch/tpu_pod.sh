@@ -118,8 +118,6 @@ yes=0
 dry_run=0
 extra=()
 
-value=""
-consumed=0
 while [ $# -gt 0 ]; do
   case "$1" in
     -h | --help) usage; exit 0 ;;
