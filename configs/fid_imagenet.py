@@ -17,7 +17,7 @@ TFDS build (`tfds`):  --config.data.tfds.data_dir=/data/tfds   (imagenet2012, Ar
 Args (comma-separated): `data=TRAIN_FOLDER`, `eval_data=VAL_FOLDER`, `tfds`, `split=train|eval`
 (reference split, train by default), `stage1=PATH`, `stage2=PATH`, `num=N` (samples, 50000).
 """
-from dq.configs import parse_arg
+from dq.configs import parse_arg, set_imagenet_data
 from dq.evaluation.fid_jobs import fid_base_config
 
 
@@ -28,14 +28,7 @@ def get_config(arg=None):
   config.mode = "stage2"
   config.stage1.path = arg.stage1
   config.stage2.workdir = arg.stage2
-  if arg.tfds:
-    config.data.name = "tfds"
-    config.data.tfds.update(dict(name="imagenet2012", train_split="train",
-                                 eval_split="validation"))
-  else:
-    config.data.name = "folder"
-    config.data.folder.update(dict(train_path=arg.data, eval_path=arg.eval_data,
-                                   labels_from_subfolders=True))
+  set_imagenet_data(config.data, tfds=arg.tfds, train_path=arg.data, eval_path=arg.eval_data)
   config.data.image_size = 256
   config.data.worker_count = 8
   config.fid.update(dict(split=arg.split, batch_size=100, num_images=arg.num,

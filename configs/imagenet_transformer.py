@@ -11,23 +11,15 @@ TFDS build (`:tfds`):  --config.data.tfds.data_dir=/data/tfds   (imagenet2012, A
 Args (comma-separated): `stage1=PATH`, `tfds`, `tiny` (small model and steps for a smoke
 test), `embedded` (the embedded data and its 9 classes). Image size and grids come from stage 1.
 """
-from dq.configs import parse_arg, transformer_base_config, transformer_paper_sizes
+from dq.configs import (parse_arg, set_imagenet_data, transformer_base_config,
+                        transformer_paper_sizes)
 
 
 def get_config(arg=None):
   arg = parse_arg(arg, stage1="", tfds=False, tiny=False, embedded=False)
   config = transformer_base_config()
   config.stage1.path = arg.stage1
-  if arg.embedded:
-    config.data.name = "embedded"
-  elif arg.tfds:
-    config.data.name = "tfds"
-    config.data.tfds.name = "imagenet2012"
-    config.data.tfds.train_split = "train"
-    config.data.tfds.eval_split = "validation"
-  else:
-    config.data.name = "folder"
-    config.data.folder.labels_from_subfolders = True
+  set_imagenet_data(config.data, tfds=arg.tfds, embedded=arg.embedded)
   config.class_conditional = True  # classes counted from the data (1000 for ImageNet)
   config.label_dropout = 0.1
   return transformer_paper_sizes(config, arg.tiny, num_steps=500_000)

@@ -26,6 +26,21 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return result
 
 
+def set_imagenet_data(data: ml_collections.ConfigDict, *, tfds: bool = False,
+                      embedded: bool = False, train_path: str = "", eval_path: str = "") -> None:
+  """Points `data` at ImageNet: class folders (labels from subfolders; paths usually given on
+  the command line), the TFDS `imagenet2012` build (`tfds`), or the embedded data (`embedded`)."""
+  if embedded:
+    data.name = "embedded"
+  elif tfds:
+    data.name = "tfds"
+    data.tfds.update(dict(name="imagenet2012", train_split="train", eval_split="validation"))
+  else:
+    data.name = "folder"
+    data.folder.update(dict(train_path=train_path, eval_path=eval_path,
+                            labels_from_subfolders=True))
+
+
 def default_sharding_config() -> ml_collections.ConfigDict:
   """Parameter/optimizer-state sharding: regex rules ([regex, spec] pairs), then FSDP for arrays
   of at least `fsdp_min_size` elements when the mesh's fsdp axis is > 1 (see dq.sharding)."""
