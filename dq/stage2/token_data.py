@@ -53,7 +53,8 @@ def _write_atomic(path: str, write: Any) -> None:
       os.remove(temp)
 
 
-def _write_json_atomic(path: str, payload: dict) -> None:
+def write_json_atomic(path: str, payload: dict) -> None:
+  """Writes `payload` as JSON to `path` through a temp file and a rename."""
   data = (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode()
   _write_atomic(path, lambda f: f.write(data))
 
@@ -242,7 +243,7 @@ def encode_dataset(stage1: Stage1, data_cfg: Any, out_dir: str, *, split: str = 
            "fine_ratio_mean": fine_sum / (seen * regions)}
   meta = load_token_meta(out_dir) if os.path.isfile(meta_path) else meta
   meta.setdefault("splits", {})[split] = entry
-  _write_json_atomic(meta_path, meta)
+  write_json_atomic(meta_path, meta)
   logging.info("Encoded %d %s images into %d shards under %s (fine ratio %.3f, %.1f s)", seen,
                split, len(writer.shards), out_dir, entry["fine_ratio_mean"],
                time.time() - start)

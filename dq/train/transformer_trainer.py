@@ -92,10 +92,8 @@ def record_stage1(workdir: str, stage1: stage1_lib.Stage1) -> None:
     return
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as f:
-      json.dump({"path": stage1.source, "fingerprint": stage1.fingerprint}, f, indent=1)
-    os.replace(temporary, path)
+    token_data.write_json_atomic(path, {"path": stage1.source,
+                                        "fingerprint": stage1.fingerprint})
 
 
 def resolve_data_config(config: Any, stage1: stage1_lib.Stage1) -> Any:
