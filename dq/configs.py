@@ -106,6 +106,9 @@ def vae_base_config() -> ml_collections.ConfigDict:
   config.loss = ml_collections.ConfigDict(dict(
       l1_weight=1.0, codebook_weight=1.0, budget_weight=1.0, budget_gamma=10.0,
       budget_calculate_all=True,
+      budget_on="hard",             # 'hard' (sampled gate, the paper) | 'expected' (softmax)
+      budget_triple="official",     # triple grain: 'official' | 'fractions' (dq.losses.budget)
+      router_distill_weight=1.0,    # router imitation of the entropy teacher during warm-up
       perceptual_weight=0.0, lpips_weights="",      # LPIPS (VGG16); weights path or env/package
       disc_weight=0.0, disc_start=0, disc_loss="hinge", adaptive_weight_max=1e4,
       disc_ndf=64, disc_layers=3))
@@ -114,7 +117,8 @@ def vae_base_config() -> ml_collections.ConfigDict:
       warmup_steps=0, schedule="cosine", end_factor=0.0, grad_clip=0.0))
   config.optim = ml_collections.ConfigDict(dict(
       name="adam", lr=4.5e-6 * 32, b1=0.5, b2=0.9, eps=1e-8, weight_decay=0.0,
-      warmup_steps=0, schedule="cosine", end_factor=0.0, grad_clip=0.0))
+      warmup_steps=0, schedule="cosine", end_factor=0.0, grad_clip=0.0,
+      router_lr_mult=1.0))         # learning-rate multiplier of the feature router's params
   config.train = ml_collections.ConfigDict(dict(
       batch_size=32, num_steps=100_000, log_every=50, summary_every=1000, summary_images=8,
       checkpoint_every=1000, keep_checkpoints=3, async_checkpointing=True, tensorboard=True,

@@ -6,9 +6,17 @@ Dual grain (official `BudgetConstraint_RatioMSE_DualGrain`): with code costs 1 (
 regions for a one-hot gate) and the loss is `gamma * (r - target)^2`. The official
 `calculate_all` variant returns the complement term `gamma * ((1 - r) - (1 - target))^2` twice,
 which is `2 * gamma * (r - target)^2`; this module reproduces that value.
-Triple grain (our definition): `r_m`, `r_f` are the fractions of regions at the median and
-fine grains (mean of the gate channel over batch and regions) and the loss is
+Triple grain, official (`BudgetConstraint_NormedSeperateRatioMSE_TripleGrain`, the default):
+per image `s_m = sum(g0 + 4 g1 + g2)` and `s_f = sum(g0 + g1 + 16 g2)` over the n coarse regions,
+`r_m = (mean_b s_m - n) / (3 n)`, `r_f = (mean_b s_f - n) / (15 n)` and the loss is
+`gamma * (r_f - t_f)^2 + (r_m - t_m)^2` (gamma on the fine term only). The cost-weighted sums
+give the coarse channel a gradient too. Triple grain, 'fractions' (this project's earlier
+form): `r_m`, `r_f` are the plain fractions of median and fine regions and the loss is
 `gamma * ((r_m - t_m)^2 + (r_f - t_f)^2)`.
+
+Every function takes a one-hot (hard, straight-through) gate or soft gate probabilities: with
+`softmax(logits)` the ratios are expected ratios (the noise-free budget, `loss.budget_on =
+'expected'`).
 """
 from __future__ import annotations
 
@@ -50,9 +58,30 @@ def budget_loss(gate: jax.Array, target: float, gamma: float = 10.0,
   return gamma * jnp.square(ratio - target)
 
 
-def budget_loss_triple(gate: jax.Array, target_median: float, target_fine: float,
-                       gamma: float = 10.0) -> jax.Array:
-  """Triple-grain budget loss: gamma*((r_median - t_median)^2 + (r_fine - t_fine)^2)."""
+TRIPLE_FORMS = ("official", "fractions")
+
+
+def triple_cost_ratios(gate: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Official triple-grain ratios (r_median, r_fine) from the cost-weighted sums."""
   _check_gate(gate, 3)
-  return gamma * (jnp.square(grain_ratio(gate, 1) - target_median)
-                  + jnp.square(grain_ratio(gate, 2) - target_fine))
+  gate = gate.astype(jnp.float32)
+  n = gate.shape[1] * gate.shape[2]
+  g0, g1, g2 = gate[..., 0], gate[..., 1], gate[..., 2]
+  s_m = jnp.sum(g0 + 4.0 * g1 + g2, axis=(1, 2))  # [B]
+  s_f = jnp.sum(g0 + g1 + 16.0 * g2, axis=(1, 2))
+  return (jnp.mean(s_m) - n) / (3.0 * n), (jnp.mean(s_f) - n) / (15.0 * n)
+
+
+def budget_loss_triple(gate: jax.Array, target_median: float, target_fine: float,
+                       gamma: float = 10.0, form: str = "official") -> jax.Array:
+  """Triple-grain budget loss (see the module docstring): 'official' is
+  gamma*(r_f - t_f)^2 + (r_m - t_m)^2 with the cost-weighted ratios; 'fractions' is
+  gamma*((r_median - t_median)^2 + (r_fine - t_fine)^2) with the plain fractions."""
+  _check_gate(gate, 3)
+  if form == "official":
+    r_median, r_fine = triple_cost_ratios(gate)
+    return gamma * jnp.square(r_fine - target_fine) + jnp.square(r_median - target_median)
+  if form == "fractions":
+    return gamma * (jnp.square(grain_ratio(gate, 1) - target_median)
+                    + jnp.square(grain_ratio(gate, 2) - target_fine))
+  raise ValueError(f"triple budget form must be one of {TRIPLE_FORMS}; got {form!r}")

@@ -1,7 +1,14 @@
 """Stage-1 generator loss: a weighted sum of named terms, each one logged.
 
 Terms: L1 reconstruction, LPIPS perceptual (when `perceptual_weight > 0`), codebook
-(commitment) loss, budget loss (feature router only: the entropy router has no learnable gate).
+(commitment) loss, budget loss (feature router only: the entropy router has no learnable gate)
+and, during a router warm-up, the router's imitation (distillation) loss.
+
+Router loss fields (`config.loss`): `budget_on` 'hard' (the paper: the budget of the sampled
+straight-through gate) or 'expected' (of `softmax(logits)`: the expected ratio, free of Gumbel
+noise); `budget_triple` 'official' | 'fractions' (see `dq.losses.budget`);
+`router_distill_weight` (cross-entropy of the router's logits against the warm-up teacher's
+gate, while the teacher routes).
 The adversarial term is added by the train step (`dq/train/vae_step.py`), which needs the
 discriminator and the adaptive weight.
 """
@@ -9,9 +16,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 
 from dq.losses.budget import budget_loss, budget_loss_triple
+
+BUDGET_ON = ("hard", "expected")
 
 
 def l1_loss(x: jnp.ndarray, xrec: jnp.ndarray) -> jnp.ndarray:
@@ -29,23 +39,47 @@ def reconstruction_loss(x: jnp.ndarray, xrec: jnp.ndarray, loss_cfg: Any,
   return total, terms
 
 
+def router_budget(outputs: dict, loss_cfg: Any, router_cfg: Any, num_grains: int) -> jnp.ndarray:
+  """The budget loss of the feature router on the hard gate or the expected (soft) one."""
+  budget_on = loss_cfg.get("budget_on", "hard")
+  if budget_on == "hard":
+    gate = outputs["gate"]
+  elif budget_on == "expected":
+    gate = jax.nn.softmax(outputs["gate_logits"].astype(jnp.float32), axis=-1)
+  else:
+    raise ValueError(f"config.loss.budget_on={budget_on!r}: expected one of {BUDGET_ON}")
+  if num_grains == 2:
+    return budget_loss(gate, router_cfg.fine_ratio, gamma=loss_cfg.budget_gamma,
+                       calculate_all=loss_cfg.budget_calculate_all)
+  return budget_loss_triple(gate, router_cfg.median_ratio, router_cfg.fine_ratio,
+                            gamma=loss_cfg.budget_gamma,
+                            form=loss_cfg.get("budget_triple", "official"))
+
+
+def distill_loss(logits: jnp.ndarray, teacher_gate: jnp.ndarray) -> jnp.ndarray:
+  """Mean cross-entropy of gate logits [B, h, w, G] against a one-hot teacher gate."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.sum(jax.lax.stop_gradient(teacher_gate) * log_probs, axis=-1))
+
+
 def vae_loss(x: jnp.ndarray, outputs: dict, *, loss_cfg: Any, router_cfg: Any,
-             num_grains: int, perceptual: Callable | None = None) -> tuple[jnp.ndarray, dict]:
+             num_grains: int, perceptual: Callable | None = None,
+             teacher_gate: jnp.ndarray | None = None,
+             teacher_weight: jnp.ndarray | float = 0.0) -> tuple[jnp.ndarray, dict]:
   """Returns (total loss, {term name: unweighted value}) for one batch.
 
   x: [B, H, W, 3] in [-1, 1]; outputs: the DQVAE output dict; perceptual: (x, y) -> [B].
+  teacher_gate [B, h, w, G] (router warm-up): adds `router_distill`, weighted by
+  `loss.router_distill_weight * teacher_weight` (teacher_weight 1 while the teacher routes).
   """
   nll, terms = reconstruction_loss(x, outputs["xrec"], loss_cfg, perceptual)
   terms["codebook"] = outputs["codebook_loss"]
   weights = {"codebook": loss_cfg.codebook_weight}
   if router_cfg.kind == "feature" and loss_cfg.budget_weight > 0:
-    if num_grains == 2:
-      terms["budget"] = budget_loss(outputs["gate"], router_cfg.fine_ratio,
-                                    gamma=loss_cfg.budget_gamma,
-                                    calculate_all=loss_cfg.budget_calculate_all)
-    else:
-      terms["budget"] = budget_loss_triple(outputs["gate"], router_cfg.median_ratio,
-                                           router_cfg.fine_ratio, gamma=loss_cfg.budget_gamma)
+    terms["budget"] = router_budget(outputs, loss_cfg, router_cfg, num_grains)
     weights["budget"] = loss_cfg.budget_weight
+  if router_cfg.kind == "feature" and teacher_gate is not None:
+    terms["router_distill"] = distill_loss(outputs["gate_logits"], teacher_gate)
+    weights["router_distill"] = loss_cfg.get("router_distill_weight", 1.0) * teacher_weight
   total = nll + sum(weights[k] * terms[k] for k in weights)
   return total, terms

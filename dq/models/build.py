@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from dq.models.decoder import POSITION_TYPES
-from dq.models.dqvae import DQVAE, ROUTER_KINDS
+from dq.models.dqvae import DQVAE, ROUTER_KINDS, TRAIN_GATES
+from dq.models.router import GATE_GRADIENTS, ROUTER_NORMS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -18,10 +19,29 @@ def default_model_config() -> ml_collections.ConfigDict:
       resolution=256, in_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
       attn_resolutions=(16,), dropout=0.0, z_channels=256, num_grains=2, norm_groups=32,
       router=dict(kind="feature", norm_groups=32, gumbel_temperature=1.0, fine_ratio=0.5,
-                  median_ratio=0.0, thresholds_path=""),
+                  median_ratio=0.0, thresholds_path="", **paper_router_training()),
       codebook_size=1024, embed_dim=256, beta=0.25, ema_decay=0.99, restart_unused_codes=True,
       dec_ch=128, dec_ch_mult=(1, 1, 2, 2), dec_num_res_blocks=2, dec_attn_resolutions=(32,),
       position_type="fourier+learned", dtype="float32"))
+
+
+def paper_router_training() -> dict:
+  """The feature router's training recipe as in the paper and the official code: GroupNorm
+  on the taps, hard Gumbel-softmax at a constant temperature, the gate entering as
+  `h * gate.max()`, no warm-up. (`model.router` fields; see `default_model_config`.)
+
+  - norm: 'group' | 'layer' | 'none' (`dq.models.router.FeatureRouter`);
+  - gate_gradient: 'official' | 'both' (`dq.models.router.merge_grains`);
+  - train_gate: 'gumbel' | 'argmax' (no noise; `dq.models.dqvae.TRAIN_GATES`);
+  - gumbel_temperature_end, temperature_steps: anneal the temperature geometrically from
+    `gumbel_temperature` to `gumbel_temperature_end` over the first `temperature_steps`
+    steps (0: constant);
+  - warmup_steps: route by the entropy router (thresholds for `fine_ratio`, computed like the
+    entropy router's) for the first K steps while the router learns to imitate it
+    (`loss.router_distill_weight`); 0: no warm-up.
+  """
+  return dict(norm="group", gate_gradient="official", train_gate="gumbel",
+              gumbel_temperature_end=1.0, temperature_steps=0, warmup_steps=0)
 
 
 def _fail(field: str, value: Any, expected: str) -> None:
@@ -93,6 +113,13 @@ def build_dqvae(model_cfg: Any, entropy_thresholds: tuple = ()) -> DQVAE:
       raise ValueError(f"entropy_thresholds {thresholds}: {num_grains} grains need "
                        f"{num_grains - 1} thresholds")
   fixed_grain = fixed_router_grain(router, num_grains) if router.kind == "fixed" else 0
+  for field, value, choices in (("router.norm", router.get("norm", "group"), ROUTER_NORMS),
+                                ("router.gate_gradient", router.get("gate_gradient", "both"),
+                                 GATE_GRADIENTS),
+                                ("router.train_gate", router.get("train_gate", "gumbel"),
+                                 TRAIN_GATES)):
+    if value not in choices:
+      _fail(field, value, f"must be one of {choices}")
   if cfg.position_type not in POSITION_TYPES:
     _fail("position_type", cfg.position_type, f"must be one of {POSITION_TYPES}")
   if cfg.dtype not in DTYPES:
@@ -111,6 +138,9 @@ def build_dqvae(model_cfg: Any, entropy_thresholds: tuple = ()) -> DQVAE:
       z_channels=int(cfg.z_channels), dropout=float(cfg.dropout), num_grains=num_grains,
       norm_groups=norm_groups, router_kind=router.kind,
       router_norm_groups=int(router.norm_groups),
+      router_norm=router.get("norm", "group"),
+      gate_gradient=router.get("gate_gradient", "both"),
+      train_gate=router.get("train_gate", "gumbel"),
       entropy_thresholds=thresholds if router.kind == "entropy" else (),
       fixed_grain=fixed_grain,
       gumbel_temperature=float(router.gumbel_temperature),

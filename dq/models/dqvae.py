@@ -4,6 +4,10 @@ Variables: 'params' (trained by the optimizer) and 'codebook' (EMA state of the 
 Training call:
   out, state = model.apply(variables, x, train=True, mutable=['codebook'],
                            rngs={'gumbel': k1, 'codebook': k2, 'dropout': k3})
+The feature router's training gate can be steered per call (all optional, traceable):
+`gumbel_noise` (given noise instead of drawing it), `temperature` (a schedule's value),
+`route_gate` + `use_route_gate` (route by another gate, e.g. the entropy router's during a
+router warm-up; the router's logits are still computed and returned).
 Parameter paths mirror the official PyTorch keys (`encoder/down_0/block_0/conv1`,
 `router/gate_0`, `quant_conv`, `quantize`, `post_quant_conv`, `decoder/conv_out`, ...).
 """
@@ -25,6 +29,9 @@ from dq.models.router import (FeatureRouter, entropy_gate, entropy_gate_logits, 
 
 # 'fixed': every region at `fixed_grain` (a fixed-length grid; no router parameters).
 ROUTER_KINDS = ("feature", "entropy", "fixed")
+# The feature router's training gate: 'gumbel' (hard Gumbel-softmax sample, the paper) or
+# 'argmax' (the argmax of the logits with the softmax's straight-through gradient: no noise).
+TRAIN_GATES = ("gumbel", "argmax")
 DECODER_LAST_LAYER = ("decoder", "conv_out", "kernel")
 
 
@@ -60,6 +67,9 @@ class DQVAE(nn.Module):
   norm_groups: int = 32
   router_kind: str = "feature"
   router_norm_groups: int = 32
+  router_norm: str = "group"
+  gate_gradient: str = "both"
+  train_gate: str = "gumbel"
   entropy_thresholds: tuple = ()
   fixed_grain: int = 0
   gumbel_temperature: float = 1.0
@@ -89,9 +99,11 @@ class DQVAE(nn.Module):
         self.ch, tuple(self.ch_mult), self.num_res_blocks, tuple(self.attn_resolutions),
         self.z_channels, self.resolution, self.num_grains, self.dropout, self.norm_groups,
         self.dtype)
+    if self.train_gate not in TRAIN_GATES:
+      raise ValueError(f"train_gate must be one of {TRAIN_GATES}; got {self.train_gate!r}")
     if self.router_kind == "feature":
       self.router = FeatureRouter(self.num_grains, self.z_channels, self.router_norm_groups,
-                                  self.dtype)
+                                  self.router_norm, self.dtype)
     self.quant_conv = conv1x1(self.embed_dim, self.dtype)
     self.quantize = EMAVectorQuantizer(
         self.codebook_size, self.embed_dim, self.beta, self.ema_decay,
@@ -107,9 +119,13 @@ class DQVAE(nn.Module):
       raise ValueError(f"DQVAE expects images [B, {self.resolution}, {self.resolution}, 3] in "
                        f"[-1, 1]; got shape {x.shape}")
 
-  def _route(self, x: jax.Array, taps: list[jax.Array],
-             train: bool) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    """Returns (gate [B, hc, wc, G], gate_logits [B, hc, wc, G], extra outputs)."""
+  def _route(self, x: jax.Array, taps: list[jax.Array], train: bool,
+             steer: dict | None = None) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Returns (gate [B, hc, wc, G], gate_logits [B, hc, wc, G], extra outputs).
+
+    `steer` (feature router, training only): optional `gumbel_noise`, `temperature`,
+    `route_gate` and `use_route_gate` (see the module docstring).
+    """
     if self.router_kind == "fixed":
       coarse = taps[0].shape[:3]  # [B, hc, wc]
       gate = fixed_gate(coarse, self.fixed_grain, self.num_grains)
@@ -123,19 +139,39 @@ class DQVAE(nn.Module):
     logits = self.router(taps)  # [B, hc, wc, G]
     if not train:
       return hard_gate(logits), logits, {}
-    if not self.has_rng("gumbel"):
+    steer = steer or {}
+    temperature = steer.get("temperature")
+    if temperature is None:
+      temperature = self.gumbel_temperature
+    noise = steer.get("gumbel_noise")
+    if noise is None and self.train_gate == "argmax":
+      noise = jnp.zeros(logits.shape, jnp.float32)
+    if noise is None and not self.has_rng("gumbel"):
       raise ValueError("DQVAE with the feature router needs a 'gumbel' rng in training: "
                        "apply(..., train=True, rngs={'gumbel': key, ...})")
-    gate, _ = gumbel_straight_through(logits, self.make_rng("gumbel"), self.gumbel_temperature)
+    rng = self.make_rng("gumbel") if noise is None else None
+    gate, _ = gumbel_straight_through(logits, rng, temperature, noise)
+    route_gate = steer.get("route_gate")
+    if route_gate is not None:
+      if route_gate.shape != gate.shape:
+        raise ValueError(f"route_gate shape {route_gate.shape} must equal the gate's {gate.shape}")
+      use = jnp.asarray(steer.get("use_route_gate", True))
+      gate = jnp.where(use, jax.lax.stop_gradient(route_gate).astype(gate.dtype), gate)
     return gate, logits, {}
 
-  def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-    """Full pass on images x [B, H, W, 3] in [-1, 1]; see the module docstring for rngs."""
+  def __call__(self, x: jax.Array, train: bool = False, *,
+               gumbel_noise: jax.Array | None = None, temperature: jax.Array | None = None,
+               route_gate: jax.Array | None = None,
+               use_route_gate: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Full pass on images x [B, H, W, 3] in [-1, 1]; see the module docstring for rngs and
+    the router-steering arguments (feature router in training; ignored otherwise)."""
     self._check_images(x)
     taps = self.encoder(x, train)  # coarsest first, [B, h_g, w_g, z]
-    gate, gate_logits, extra = self._route(x, taps, train)
+    steer = {"gumbel_noise": gumbel_noise, "temperature": temperature,
+             "route_gate": route_gate, "use_route_gate": use_route_gate}
+    gate, gate_logits, extra = self._route(x, taps, train, steer)
     grain = jnp.argmax(gate, axis=-1).astype(jnp.int32)  # [B, hc, wc]
-    z = self.quant_conv(merge_grains(taps, gate))  # [B, hf, wf, D]
+    z = self.quant_conv(merge_grains(taps, gate, self.gate_gradient))  # [B, hf, wf, D]
     mask = code_weight_mask(grain, self.num_grains, z.shape[1])
     quant, codes, aux = self.quantize(z, mask, train)
     xrec = self.decoder(self.post_quant_conv(quant), train)

@@ -51,4 +51,15 @@ def make_optimizer(optim_cfg: Any, total_steps: int, *,
   if optim_cfg.get("grad_clip", 0.0):
     parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
   parts.append(opt)
+  lr_mults = {name[:-len("_lr_mult")]: float(value) for name, value in optim_cfg.items()
+              if name.endswith("_lr_mult") and float(value) != 1.0}
+  for module, mult in sorted(lr_mults.items()):
+    # `<module>_lr_mult`: the updates of the top-level params subtree `<module>` are scaled.
+    parts.append(optax.masked(optax.scale(mult), _top_level_mask(module)))
   return optax.chain(*parts), schedule
+
+
+def _top_level_mask(module: str) -> Callable[[Any], Any]:
+  def mask(params: Any) -> Any:
+    return {key: jax.tree.map(lambda _: key == module, value) for key, value in params.items()}
+  return mask

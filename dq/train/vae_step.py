@@ -17,6 +17,7 @@ from dq import sharding as sh
 from dq.losses import gan
 from dq.losses.vae_loss import reconstruction_loss, vae_loss
 from dq.models.dqvae import DECODER_LAST_LAYER
+from dq.train.router_control import router_steering
 from dq.train.state import TrainState
 
 
@@ -39,9 +40,13 @@ def make_update_fn(model, tx: optax.GradientTransformation, schedule, *, loss_cf
                    router_cfg: Any, num_grains: int, discriminator=None,
                    disc_tx: optax.GradientTransformation | None = None,
                    perceptual: Callable | None = None, microbatches: int = 1,
-                   activation_sharding: NamedSharding | None = None):
+                   activation_sharding: NamedSharding | None = None,
+                   teacher_thresholds: tuple = ()):
   """Builds update_fn(state, batch, frozen) -> (state, metrics); jit it with shardings and
   `donate_argnums=0`. `perceptual(frozen, x, y) -> [B]` is the LPIPS distance.
+
+  The feature router's per-step controls (temperature schedule, entropy warm-up with
+  `teacher_thresholds`) come from `dq.train.router_control.router_steering`.
 
   `activation_sharding` (the trainer passes `dq.sharding.batch_sharding(mesh)`; None: no
   constraint, e.g. unjitted) pins the batch axis of the images and reconstructions.
@@ -68,6 +73,7 @@ def make_update_fn(model, tx: optax.GradientTransformation, schedule, *, loss_cf
   if microbatches < 1:
     raise ValueError(f"config.train.microbatches must be >= 1; got {microbatches}")
   constrain = lambda y: sh.constrain_batch(y, activation_sharding)
+  patch_size = 2 ** (len(model.ch_mult) - 1)  # the coarsest factor (entropy teacher's patch)
 
   def disc_logits(disc_params, batch_stats, images):
     logits, new = discriminator.apply({"params": disc_params, "batch_stats": batch_stats},
@@ -84,16 +90,22 @@ def make_update_fn(model, tx: optax.GradientTransformation, schedule, *, loss_cf
     def loss_fn(params, x, rngs, update_codebook: bool, scale: float):
       """Generator loss * scale on images x [b, H, W, 3]; aux: (unscaled loss, terms, outputs,
       new codebook or None, extra metrics, quantizer-input latents or None)."""
+      extra = {}
       mutable = ["codebook", "intermediates"] if update_codebook else ["intermediates"]
       capture_latents = False if update_codebook else (
           lambda module, method: module.name == "quant_conv" and method == "__call__")
+      steer, teacher, teacher_weight = router_steering(router_cfg, state.step, x,
+                                                       teacher_thresholds, patch_size)
       outputs, new_vars = model.apply(
           {"params": params, "codebook": state.codebook}, x, train=True, mutable=mutable,
-          rngs=rngs, capture_intermediates=capture_latents)
+          rngs=rngs, capture_intermediates=capture_latents, **steer)
       outputs = {**outputs, "xrec": constrain(outputs["xrec"])}  # [b, H, W, 3]
       loss, terms = vae_loss(x, outputs, loss_cfg=loss_cfg, router_cfg=router_cfg,
-                             num_grains=num_grains, perceptual=percept)
-      extra = {}
+                             num_grains=num_grains, perceptual=percept, teacher_gate=teacher,
+                             teacher_weight=teacher_weight)
+      if "temperature" in steer:
+        extra["gumbel_temperature"] = steer["temperature"]
+        extra.update(router_margin_metrics(outputs["gate_logits"]))
       if use_gan:
         xrec = outputs["xrec"]
         logits_fake, _ = disc_logits(state.disc_params, state.disc_batch_stats, xrec)
@@ -188,6 +200,15 @@ def make_update_fn(model, tx: optax.GradientTransformation, schedule, *, loss_cf
     return new_state, metrics
 
   return update_fn
+
+
+def router_margin_metrics(logits: jax.Array) -> dict[str, jax.Array]:
+  """Decisiveness of the router on a batch: the mean gap between the top two logits, and the
+  fraction of regions whose gap is below 1 (where Gumbel noise at T = 1 often flips them)."""
+  top2 = jax.lax.top_k(jax.lax.stop_gradient(logits.astype(jnp.float32)), 2)[0]
+  gap = top2[..., 0] - top2[..., 1]
+  return {"router_margin": jnp.mean(gap),
+          "router_undecided": jnp.mean((gap < 1.0).astype(jnp.float32))}
 
 
 def _ema_update(model, state: TrainState, latents: jax.Array,

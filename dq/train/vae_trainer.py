@@ -21,6 +21,7 @@ from dq.models.build import build_dqvae
 from dq.train import checkpoint as ckpt
 from dq.train import throughput
 from dq.train.optim import make_optimizer
+from dq.train.router_control import needs_teacher
 from dq.train.loop import (TrainLoop, check_batch_size, guard_nonfinite, save_config,
                            warn_codebook_collapse)
 from dq.train.state import TrainState, abstract_with_shardings, sharded_init
@@ -33,11 +34,12 @@ def coarse_factor(model_cfg: Any) -> int:
 
 
 def resolve_entropy_thresholds(config: Any, workdir: str) -> tuple[float, ...]:
-  """Thresholds for the entropy router: from `router.thresholds_path`, else computed once from
-  the configured training data and stored as `WORKDIR/entropy_thresholds.json`."""
+  """Thresholds for the entropy router (or the feature router's entropy warm-up teacher):
+  from `router.thresholds_path`, else computed once from the configured training data and
+  stored as `WORKDIR/entropy_thresholds.json`."""
   from dq.models import entropy
   router = config.model.router
-  if router.kind != "entropy":
+  if router.kind != "entropy" and not needs_teacher(router):
     return ()
   path = router.thresholds_path
   if not path:
@@ -173,7 +175,9 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
                              router_cfg=config.model.router, num_grains=config.model.num_grains,
                              discriminator=discriminator, disc_tx=disc_tx, perceptual=perceptual,
                              microbatches=config.train.get("microbatches", 1),
-                             activation_sharding=sh.batch_sharding(mesh))
+                             activation_sharding=sh.batch_sharding(mesh),
+                             teacher_thresholds=resolve_entropy_thresholds(config, workdir)
+                             if needs_teacher(config.model.router) else ())
   repl = sh.replicated(mesh)
   train_step = jax.jit(guard_nonfinite(update_fn),
                        in_shardings=(state_shardings, sh.batch_sharding(mesh), repl),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
+from dq.losses.budget import TRIPLE_FORMS
 from dq.losses.gan import DISC_LOSSES
+from dq.losses.vae_loss import BUDGET_ON
 from dq.validate.checker import (Checker, is_int, is_remote, one_line, plain, read_json,
                                  run_config_path, show)
 from dq.validate.common import (check_data, check_mesh_and_batches, check_optim, check_sharding,
@@ -33,8 +35,15 @@ def _check_vae_model(c: Checker) -> None:
   c.number("model.router.gumbel_temperature", low=0.0, low_open=True)
   c.existing("model.router.thresholds_path", "file", "an entropy threshold table of "
              "python -m dq.tools.entropy_thresholds")
-  if kind == "entropy" and not c.get("model.router.thresholds_path"):
+  warmup = c.integer("model.router.warmup_steps", 0)
+  if (kind == "entropy" or warmup) and not c.get("model.router.thresholds_path"):
     c.integer("model.router.threshold_images", 1)
+  c.integer("model.router.temperature_steps", 0)
+  c.number("model.router.gumbel_temperature_end", low=0.0, low_open=True)
+  c.choice("loss.budget_on", BUDGET_ON)
+  c.choice("loss.budget_triple", TRIPLE_FORMS)
+  c.number("loss.router_distill_weight", low=0.0)
+  c.number("optim.router_lr_mult", low=0.0)
   ch_mult, dec_ch_mult = c.get("model.ch_mult"), c.get("model.dec_ch_mult")
   for field, mults in (("model.ch_mult", ch_mult), ("model.dec_ch_mult", dec_ch_mult)):
     if not isinstance(mults, (list, tuple)) or not mults or not all(
