@@ -109,6 +109,7 @@ def vae_base_config() -> ml_collections.ConfigDict:
       budget_on="hard",             # 'hard' (sampled gate, the paper) | 'expected' (softmax)
       budget_triple="official",     # triple grain: 'official' | 'fractions' (dq.losses.budget)
       router_distill_weight=1.0,    # router imitation of the entropy teacher during warm-up
+      router_benefit_weight=0.0,    # router cross-entropy vs the measured benefit of fine codes
       perceptual_weight=0.0, lpips_weights="",      # LPIPS (VGG16); weights path or env/package
       disc_weight=0.0, disc_start=0, disc_loss="hinge", adaptive_weight_max=1e4,
       disc_ndf=64, disc_layers=3))

@@ -57,3 +57,32 @@ def router_steering(router_cfg: Any, step: jax.Array, x: jax.Array,
   active = jnp.asarray(step) < int(router_cfg.warmup_steps)
   kwargs.update(route_gate=teacher, use_route_gate=active)
   return kwargs, teacher, active.astype(jnp.float32)
+
+
+def region_l1(x: jax.Array, xrec: jax.Array, patch_size: int) -> jax.Array:
+  """Mean |x - xrec| per coarse region: images [B, H, W, 3] -> [B, H / p, W / p]."""
+  b, h, w, _ = x.shape
+  err = jnp.abs(x.astype(jnp.float32) - xrec.astype(jnp.float32)).mean(axis=-1)
+  return err.reshape(b, h // patch_size, patch_size, w // patch_size, patch_size).mean((2, 4))
+
+
+def benefit_target(x: jax.Array, xrec: jax.Array, xrec_flipped: jax.Array, grain: jax.Array,
+                   fine_ratio: float, patch_size: int) -> tuple[jax.Array, jax.Array]:
+  """The regions where the fine grain helps most, measured (dual grain).
+
+  `xrec` is the step's reconstruction with grain map `grain` [B, hc, wc] (0 coarse, 1 fine),
+  `xrec_flipped` the same images with every region at the other grain. The benefit of fine
+  coding is `L1 per region when coarse - L1 per region when fine`; the fraction `fine_ratio`
+  of the batch's regions with the largest benefit are the target fine regions (so the target
+  spends exactly the budget, across the batch's images as the budget loss does).
+
+  Returns (one-hot target gate [B, hc, wc, 2], benefit [B, hc, wc]), both without gradient.
+  """
+  main = region_l1(x, xrec, patch_size)
+  flipped = region_l1(x, xrec_flipped, patch_size)
+  fine = grain == 1
+  benefit = jnp.where(fine, flipped, main) - jnp.where(fine, main, flipped)
+  benefit = jax.lax.stop_gradient(benefit)
+  threshold = jnp.quantile(benefit, 1.0 - fine_ratio)
+  target = (benefit > threshold).astype(jnp.int32)
+  return jax.nn.one_hot(target, 2, dtype=jnp.float32), benefit

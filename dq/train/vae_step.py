@@ -15,9 +15,9 @@ import optax
 
 from dq import sharding as sh
 from dq.losses import gan
-from dq.losses.vae_loss import reconstruction_loss, vae_loss
+from dq.losses.vae_loss import distill_loss, reconstruction_loss, vae_loss
 from dq.models.dqvae import DECODER_LAST_LAYER
-from dq.train.router_control import router_steering
+from dq.train.router_control import benefit_target, router_steering
 from dq.train.state import TrainState
 
 
@@ -74,6 +74,10 @@ def make_update_fn(model, tx: optax.GradientTransformation, schedule, *, loss_cf
     raise ValueError(f"config.train.microbatches must be >= 1; got {microbatches}")
   constrain = lambda y: sh.constrain_batch(y, activation_sharding)
   patch_size = 2 ** (len(model.ch_mult) - 1)  # the coarsest factor (entropy teacher's patch)
+  use_benefit = router_cfg.kind == "feature" and loss_cfg.get("router_benefit_weight", 0.0) > 0
+  if use_benefit and num_grains != 2:
+    raise ValueError("config.loss.router_benefit_weight > 0 needs a dual-grain model (the "
+                     f"benefit compares the two grains); got num_grains={num_grains}")
 
   def disc_logits(disc_params, batch_stats, images):
     logits, new = discriminator.apply({"params": disc_params, "batch_stats": batch_stats},
@@ -103,6 +107,8 @@ def make_update_fn(model, tx: optax.GradientTransformation, schedule, *, loss_cf
       loss, terms = vae_loss(x, outputs, loss_cfg=loss_cfg, router_cfg=router_cfg,
                              num_grains=num_grains, perceptual=percept, teacher_gate=teacher,
                              teacher_weight=teacher_weight)
+      if use_benefit:
+        loss, terms = _add_benefit_loss(params, x, rngs, outputs, steer, loss, terms)
       if "temperature" in steer:
         extra["gumbel_temperature"] = steer["temperature"]
         extra.update(router_margin_metrics(outputs["gate_logits"]))
@@ -128,6 +134,19 @@ def make_update_fn(model, tx: optax.GradientTransformation, schedule, *, loss_cf
       if not update_codebook:  # [b, hf, wf, D], the quantizer's input
         latents = jax.lax.stop_gradient(new_vars["intermediates"]["quant_conv"]["__call__"][0])
       return loss * scale, (loss, terms, outputs, new_vars.get("codebook"), extra, latents)
+
+    def _add_benefit_loss(params, x, rngs, outputs, steer, loss, terms):
+      """The router's cross-entropy against the measured benefit of fine coding: one more
+      forward pass (no gradient, no EMA update) with every region at the other grain."""
+      gate = jax.lax.stop_gradient(outputs["gate"])
+      flipped = model.apply(
+          {"params": jax.lax.stop_gradient(params), "codebook": state.codebook}, x, train=True,
+          rngs=rngs, route_gate=1.0 - gate, use_route_gate=True,
+          temperature=steer.get("temperature"))["xrec"]
+      target, _ = benefit_target(x, outputs["xrec"], jax.lax.stop_gradient(flipped),
+                                 outputs["grain"], router_cfg.fine_ratio, patch_size)
+      terms = {**terms, "router_benefit": distill_loss(outputs["gate_logits"], target)}
+      return loss + loss_cfg.router_benefit_weight * terms["router_benefit"], terms
 
     def d_loss_fn(disc_params, batch_stats, real, fake, scale: float):
       logits_real, stats = disc_logits(disc_params, batch_stats, real)
