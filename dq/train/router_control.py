@@ -84,5 +84,6 @@ def benefit_target(x: jax.Array, xrec: jax.Array, xrec_flipped: jax.Array, grain
   benefit = jnp.where(fine, flipped, main) - jnp.where(fine, main, flipped)
   benefit = jax.lax.stop_gradient(benefit)
   threshold = jnp.quantile(benefit, 1.0 - fine_ratio)
-  target = (benefit > threshold).astype(jnp.int32)
+  # At fine_ratio 1 the threshold is the minimum, which `>` alone would leave coarse.
+  target = ((benefit > threshold) | (fine_ratio >= 1.0)).astype(jnp.int32)
   return jax.nn.one_hot(target, 2, dtype=jnp.float32), benefit
