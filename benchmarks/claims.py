@@ -72,8 +72,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("smoke", "quick", "full")
 RATIOS = (0.25, 0.5, 0.75)
 DQ_MODEL = "feature_0.5"  # the DQ-VAE the transformer is trained on
+# Training recipes of the learned (feature) router, as dotted config overrides over
+# configs/demo_vae.py. 'feature' is the paper's recipe exactly (hard Gumbel-softmax at T = 1,
+# budget on the sampled gate, the official `h * gate.max()` gate, GroupNorm router).
+RECIPES = {
+    "feature": {"model.router.norm": "group", "model.router.gate_gradient": "official",
+                "model.router.train_gate": "gumbel", "model.router.temperature_steps": 0,
+                "model.router.warmup_steps": 0, "loss.budget_on": "hard",
+                "loss.router_benefit_weight": 0.0, "optim.router_lr_mult": 1.0},
+}
+# Settings fields that only pick which runs to make: a workdir can be extended with them.
+SELECTION_FIELDS = ("models", "seeds")
 CLEAR_MARGIN_DB = 1.0  # "beats fixed-coarse by a clear margin": at least this PSNR gain
 CLOSE_DB = 1.0  # "comes close to fixed-fine": at most this PSNR gap
+ROUTER_FINE_SLACK_DB = 0.1  # issue 15: a learned router at 0.5 within this of fixed fine
+ROUTER_DETAIL_PRECISION = 0.40  # issue 15: its fine regions on detail at least this often
 NUM_SPECIAL_TOKENS = 4  # SOS, coarse EOS, fine SOS, fine EOS
 
 
@@ -100,15 +113,21 @@ class Settings:
   sample_batch: int
   sample_repeats: int
   models: tuple[str, ...] = ()  # a subset of the stage-1 models (investigations); () = all
+  seeds: tuple[int, ...] = (0,)  # every stage-1 model is trained once per seed
+  recipes: tuple[str, ...] = ("feature",)  # learned-router recipes (RECIPES), at feature_ratios
+  dq_model: str = DQ_MODEL  # the stage-1 model whose tokens the DQ-Transformer is trained on
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
 
 
 def settings_for(mode: str, vae_steps: int = 0, transformer_steps: int = 0,
-                 rfid_images: int = -1, models: tuple[str, ...] = ()) -> Settings:
-  """The settings of `mode` ('smoke' | 'quick' | 'full'); positive overrides replace them and
-  a non-empty `models` keeps only those stage-1 models."""
+                 rfid_images: int = -1, models: tuple[str, ...] = (),
+                 seeds: tuple[int, ...] = (0,), recipes: tuple[str, ...] = ("feature",),
+                 dq_model: str = DQ_MODEL) -> Settings:
+  """The settings of `mode` ('smoke' | 'quick' | 'full'); positive overrides replace them, a
+  non-empty `models` keeps only those stage-1 models, `seeds` trains each model once per seed
+  and `recipes` names the learned-router recipes (keys of RECIPES) trained at every ratio."""
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
   demo_model = dict(ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(),
@@ -151,7 +170,14 @@ def settings_for(mode: str, vae_steps: int = 0, transformer_steps: int = 0,
     overrides["transformer_steps"] = transformer_steps
   if rfid_images >= 0:
     overrides["rfid_images"] = rfid_images
-  settings = dataclasses.replace(settings, models=tuple(models), **overrides)
+  unknown = sorted(set(recipes) - set(RECIPES))
+  if unknown or not recipes:
+    raise ValueError(f"recipes {unknown or list(recipes)} unknown; expected names from "
+                     f"{sorted(RECIPES)}")
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"seeds must be distinct and non-empty; got {seeds}")
+  settings = dataclasses.replace(settings, models=tuple(models), seeds=tuple(seeds),
+                                 recipes=tuple(recipes), dq_model=dq_model, **overrides)
   model_specs(settings)  # checks the names
   return settings
 
@@ -160,8 +186,8 @@ def model_specs(settings: Settings) -> list[dict]:
   """Name, router kind and target fine ratio of every stage-1 model, fixed grids first."""
   specs = [dict(name="fixed_coarse", router="fixed", fine_ratio=0.0),
            dict(name="fixed_fine", router="fixed", fine_ratio=1.0)]
-  specs += [dict(name=f"feature_{r}", router="feature", fine_ratio=r)
-            for r in settings.feature_ratios]
+  specs += [dict(name=f"{recipe}_{r}", router="feature", fine_ratio=r, recipe=recipe)
+            for recipe in settings.recipes for r in settings.feature_ratios]
   specs += [dict(name=f"entropy_{r}", router="entropy", fine_ratio=r)
             for r in settings.entropy_ratios]
   if settings.models:
@@ -190,10 +216,27 @@ def _load_sampling_benchmark():
   return module
 
 
-def vae_config(settings: Settings, spec: dict, thresholds_path: str) -> ml_collections.ConfigDict:
-  """configs/demo_vae.py with this mode's sizes and budget, and the model's router."""
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
+  """Sets dotted `field: value` pairs (e.g. {'model.router.norm': 'layer'}) on `config`."""
+  for field, value in overrides.items():
+    *path, key = field.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    if key not in node:
+      raise KeyError(f"recipe field {field} is not a config field")
+    node[key] = value
+
+
+def vae_config(settings: Settings, spec: dict, thresholds_path: str,
+               seed: int = 0) -> ml_collections.ConfigDict:
+  """configs/demo_vae.py with this mode's sizes and budget, the model's router and recipe,
+  and `seed` (initialisation, Gumbel noise and data order)."""
   steps = settings.vae_steps
   config = _load_config_module("demo_vae").get_config(f"steps={steps}")
+  config.seed = seed
+  if spec.get("recipe"):
+    apply_overrides(config, RECIPES[spec["recipe"]])
   config.data.image_size = settings.image_size
   config.data.embedded.eval_size = settings.eval_images
   config.model.update(dict(settings.model, resolution=settings.image_size))
@@ -202,10 +245,15 @@ def vae_config(settings: Settings, spec: dict, thresholds_path: str) -> ml_colle
   router.fine_ratio = spec["fine_ratio"]
   router.norm_groups = settings.router_norm_groups
   router.threshold_images = settings.threshold_images
-  router.thresholds_path = thresholds_path if spec["router"] == "entropy" else ""
-  config.train.update(dict(batch_size=settings.vae_batch, log_every=max(1, steps // 5),
-                           summary_every=0, checkpoint_every=steps, keep_checkpoints=1,
-                           async_checkpointing=False, tensorboard=False))
+  # The entropy router and a learned router with an entropy warm-up share one threshold table.
+  uses_table = spec["router"] == "entropy" or (spec["router"] == "feature"
+                                               and router.warmup_steps > 0)
+  router.thresholds_path = thresholds_path if uses_table else ""
+  # Checkpoints at every fifth of training: the learned router's routing changes between them
+  # are a diagnostic (routing_change).
+  config.train.update(dict(batch_size=settings.vae_batch, log_every=max(1, steps // 30),
+                           summary_every=0, checkpoint_every=max(1, steps // 5),
+                           keep_checkpoints=6, async_checkpointing=False, tensorboard=False))
   config.optim.update(dict(lr=settings.vae_lr, warmup_steps=min(100, steps // 10)))
   config.eval.update(dict(batch_size=settings.eval_batch, max_images=settings.eval_images,
                           lpips=settings.lpips, at_end=False))
@@ -256,9 +304,11 @@ class PhaseClock:
 
 
 def _check_workdir(workdir: str, settings: Settings) -> None:
-  """Refuses a workdir whose checkpoints were made with other settings."""
+  """Refuses a workdir whose checkpoints were made with other settings (the selection of
+  models, seeds and recipes may differ: each run's own config is checked by `_check_run_dir`)."""
   path = os.path.join(workdir, "claims_settings.json")
-  current = json.loads(json.dumps(settings.to_json()))
+  current = {k: v for k, v in json.loads(json.dumps(settings.to_json())).items()
+             if k not in SELECTION_FIELDS + ("recipes", "dq_model")}
   if os.path.isfile(path):
     with open(path) as f:
       previous = json.load(f)
@@ -270,6 +320,25 @@ def _check_workdir(workdir: str, settings: Settings) -> None:
   os.makedirs(workdir, exist_ok=True)
   with open(path, "w") as f:
     json.dump(current, f, indent=1)
+
+
+# Config sections that decide what a stage-1 run trains; a run dir made with others is refused.
+RUN_SECTIONS = ("model", "loss", "optim", "data", "seed")
+
+
+def _check_run_dir(config: ml_collections.ConfigDict, run_dir: str) -> None:
+  """Refuses to resume a stage-1 run whose saved config.json differs in RUN_SECTIONS (e.g. a
+  recipe whose definition changed since the run was made)."""
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  current = json.loads(config.to_json_best_effort())
+  changed = sorted(k for k in RUN_SECTIONS if saved.get(k) != current.get(k))
+  if changed:
+    raise ValueError(f"{run_dir} was trained with another config (differs in {changed}); "
+                     "delete it or use a fresh --workdir")
 
 
 def inception_params_or_reason() -> tuple[Any, Optional[str]]:
@@ -323,15 +392,20 @@ def evaluate_model(settings: Settings, config, workdir: str, state, inception,
   return dict(fid_jobs.stage1(job, workdir, inception_params=inception))
 
 
+STAGE1_KEYS = ("codes_per_image", "regions_per_image", "fine_ratio_mean", "fine_ratio_std",
+               "fine_ratio_min", "fine_ratio_max", "psnr", "ssim", "l1", "lpips", "rfid",
+               "codebook_usage", "codebook_perplexity", "num_images", "detail_precision",
+               "detail_recall", "detail_lift", "detail_base_rate", "detail_fine_coverage",
+               "detail_coarse_coverage", "router_margin_mean", "router_undecided")
+
+
 def stage1_row(spec: dict, metrics: dict, train_metrics: dict, lpips_note: Optional[str],
                rfid_note: Optional[str]) -> dict:
-  """The per-model record of claims.json."""
+  """The per-run record of claims.json (one model, one seed)."""
   row = dict(router=spec["router"], target_fine_ratio=spec["fine_ratio"])
-  for key in ("codes_per_image", "regions_per_image", "fine_ratio_mean", "fine_ratio_std",
-              "fine_ratio_min", "fine_ratio_max", "psnr", "ssim", "l1", "lpips", "rfid",
-              "codebook_usage", "codebook_perplexity", "num_images", "detail_precision",
-              "detail_recall", "detail_lift", "detail_base_rate", "detail_fine_coverage",
-              "detail_coarse_coverage"):
+  if spec.get("recipe"):
+    row["recipe"] = spec["recipe"]
+  for key in STAGE1_KEYS:
     row[key] = metrics.get(key)
   if row["lpips"] is None:
     row["lpips_note"] = lpips_note
@@ -340,17 +414,67 @@ def stage1_row(spec: dict, metrics: dict, train_metrics: dict, lpips_note: Optio
   row["train_final"] = {k: train_metrics[k] for k in ("step", "loss", "loss_l1", "loss_codebook",
                                                       "loss_budget", "fine_ratio")
                         if k in train_metrics}
+  for key in ("routing_change", "routing_steps"):
+    if key in metrics:
+      row[key] = metrics[key]
   return row
 
 
+def aggregate_seeds(runs: dict[int, dict]) -> dict:
+  """One model's row over seeds: numeric fields are the mean over seeds with `<field>_std`
+  (population std) beside them; `seeds` and `per_seed` keep every run."""
+  first = runs[min(runs)]
+  row = {}
+  for key, value in first.items():
+    values = [run.get(key) for run in runs.values()]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and all(
+        isinstance(v, (int, float)) for v in values):
+      row[key] = float(np.mean(values))
+      row[f"{key}_std"] = float(np.std(values))
+    else:
+      row[key] = value
+  changes = [run["routing_change"] for run in runs.values() if run.get("routing_change")]
+  if changes:
+    row["routing_change_last"] = float(np.mean([c[-1] for c in changes]))
+  row["seeds"] = sorted(runs)
+  row["per_seed"] = {str(seed): runs[seed] for seed in sorted(runs)}
+  return row
+
+
+def routing_diagnostics(config, run_dir: str, settings: Settings) -> dict:
+  """Grain maps of the held-out images at every checkpoint of a learned-router run: the
+  fraction of regions whose grain changed between consecutive checkpoints."""
+  from dq.data import pipeline
+  from dq.evaluation import routing
+  from dq.train import checkpoint as ckpt
+  from dq.train import vae_trainer
+  root = os.path.join(run_dir, "checkpoints")
+  steps = sorted(int(n) for n in os.listdir(root) if n.isdigit()
+                 and os.path.isdir(os.path.join(root, n, "state")))
+  ds = pipeline.make_dataset(config.data, split="eval", batch_size=settings.eval_batch, seed=0,
+                             train=False, num_epochs=1, drop_remainder=False)
+  images = np.concatenate([b["image"] for b in ds])[:settings.eval_images]
+  model = vae_trainer.build_model(config, run_dir)
+  maps = []
+  for step in steps:
+    restored = ckpt.restore_params_from(os.path.join(root, str(step)))
+    maps.append(routing.grain_maps(model, {"params": restored["params"],
+                                           "codebook": restored["codebook"]}, images,
+                                   settings.eval_batch))
+  return {"routing_steps": steps, "routing_change": routing.routing_change(maps)}
+
+
 def train_stage1(settings: Settings, workdir: str, clock: PhaseClock) -> tuple[dict, dict]:
-  """Trains and evaluates every stage-1 model; returns (rows by name, configs by name)."""
+  """Trains and evaluates every stage-1 model once per seed; returns (rows by name, seed-0
+  configs by name). A row holds the mean over seeds (and `<field>_std`, `per_seed`)."""
   from dq.evaluation import fid_jobs
   from dq.models import entropy
   from dq.train import vae_trainer
   specs = model_specs(settings)
   thresholds_path = os.path.join(workdir, "entropy_thresholds.json")
-  if any(s["router"] == "entropy" for s in specs) and not os.path.isfile(thresholds_path):
+  needs_table = any(vae_config(settings, s, thresholds_path).model.router.thresholds_path
+                    for s in specs)
+  if needs_table and not os.path.isfile(thresholds_path):
     probe = vae_config(settings, specs[-1], thresholds_path)
     clock.run("entropy_thresholds", entropy.write_thresholds_for_config, probe, thresholds_path,
               settings.threshold_images)
@@ -365,16 +489,28 @@ def train_stage1(settings: Settings, workdir: str, clock: PhaseClock) -> tuple[d
       clock.run("rfid_reference", fid_jobs.reference, job, workdir, inception_params=inception)
   rows, configs = {}, {}
   for spec in specs:
-    name = spec["name"]
-    model_dir = os.path.join(workdir, "vae", name)
-    config = vae_config(settings, spec, thresholds_path)
-    state = clock.run(f"vae/{name}/train", vae_trainer.train_and_evaluate, config, model_dir)
-    metrics = clock.run(f"vae/{name}/eval", evaluate_model, settings, config, model_dir, state,
-                        inception, reference)
-    rows[name] = stage1_row(spec, metrics, last_metrics(model_dir), lpips_note, rfid_note)
-    configs[name] = config
-    logging.info("claims: %s -> %s", name, json.dumps(_clean(rows[name])))
+    name, runs = spec["name"], {}
+    for seed in settings.seeds:
+      run_dir = run_dir_of(workdir, name, seed)
+      config = vae_config(settings, spec, thresholds_path, seed)
+      _check_run_dir(config, run_dir)
+      tag = f"vae/{name}/seed{seed}"
+      state = clock.run(f"{tag}/train", vae_trainer.train_and_evaluate, config, run_dir)
+      metrics = clock.run(f"{tag}/eval", evaluate_model, settings, config, run_dir, state,
+                          inception, reference)
+      if spec["router"] == "feature":
+        metrics.update(clock.run(f"{tag}/routing", routing_diagnostics, config, run_dir,
+                                 settings))
+      runs[seed] = stage1_row(spec, metrics, last_metrics(run_dir), lpips_note, rfid_note)
+      configs.setdefault(name, config)
+      logging.info("claims: %s seed %d -> %s", name, seed, json.dumps(_clean(runs[seed])))
+    rows[name] = aggregate_seeds(runs)
   return rows, configs
+
+
+def run_dir_of(workdir: str, name: str, seed: int) -> str:
+  """WORKDIR/vae/<model>/seed<k>: one stage-1 run."""
+  return os.path.join(workdir, "vae", name, f"seed{seed}")
 
 
 def train_transformer(settings: Settings, name: str, stage1_dir: str, vae_cfg,
@@ -419,10 +555,12 @@ def time_sampling(settings: Settings, trained: dict, fixed_grid: bool, clock: Ph
 
 def run_stage2(settings: Settings, workdir: str, configs: dict, rows: dict,
                clock: PhaseClock) -> dict:
-  """DQ-Transformer on feature_0.5 tokens vs the fixed-grid GPT on fixed_fine tokens."""
+  """DQ-Transformer on `settings.dq_model` tokens (first seed) vs the fixed-grid GPT on
+  fixed_fine tokens."""
   results = {}
-  for name, stage1_name, fixed in (("dq", DQ_MODEL, False), ("fixed_fine", "fixed_fine", True)):
-    stage1_dir = os.path.join(workdir, "vae", stage1_name)
+  for name, stage1_name, fixed in (("dq", settings.dq_model, False),
+                                   ("fixed_fine", "fixed_fine", True)):
+    stage1_dir = run_dir_of(workdir, stage1_name, settings.seeds[0])
     trained = train_transformer(settings, name, stage1_dir, configs[stage1_name], workdir, clock)
     results[name] = dict(stage1=stage1_name, **time_sampling(settings, trained, fixed, clock,
                                                              name))
@@ -456,7 +594,28 @@ def acceptance(rows: dict) -> dict:
         psnr_gap_closed=gain / span if span else None,
         codes_gap_spent=(dq["codes_per_image"] - coarse["codes_per_image"]) / code_span,
         beats_coarse_clearly=bool(gain >= CLEAR_MARGIN_DB), close_to_fine=bool(gap <= CLOSE_DB))
+    entropy = rows.get("entropy_0.5")
+    if dq.get("router") == "feature" and entropy is not None:
+      result[name].update(router_acceptance(dq, entropy, fine))
   return result
+
+
+def router_acceptance(learned: dict, entropy: dict, fine: dict) -> dict:
+  """Issue 15's bar for a learned router at fine ratio 0.5 (means over seeds): PSNR >= the
+  entropy router's and >= fixed fine - 0.1 dB, fine regions on detail with precision >= 0.40,
+  LPIPS no worse than the entropy router's (when measured)."""
+  precision = learned.get("detail_precision")
+  checks = dict(
+      psnr_minus_entropy_db=learned["psnr"] - entropy["psnr"],
+      psnr_minus_fine_db=learned["psnr"] - fine["psnr"],
+      psnr_at_least_entropy=bool(learned["psnr"] >= entropy["psnr"]),
+      psnr_within_0_1db_of_fine=bool(learned["psnr"] >= fine["psnr"] - ROUTER_FINE_SLACK_DB),
+      detail_precision_at_least=bool(precision is not None
+                                     and precision >= ROUTER_DETAIL_PRECISION))
+  if learned.get("lpips") is not None and entropy.get("lpips") is not None:
+    checks["lpips_no_worse_than_entropy"] = bool(learned["lpips"] <= entropy["lpips"])
+  checks["router_bar_met"] = all(v for k, v in checks.items() if isinstance(v, bool))
+  return checks
 
 
 def _clean(value: Any) -> Any:
@@ -484,6 +643,15 @@ def _fmt(value: Any, digits: int = 3) -> str:
   return str(value)
 
 
+def _pm(row: dict, key: str, digits: int = 3) -> str:
+  """'mean ± std' of a field over seeds ('mean' alone with one seed)."""
+  if row.get(key) is None:
+    return "-"
+  if len(row.get("seeds", [])) > 1 and row.get(f"{key}_std") is not None:
+    return f"{row[key]:.{digits}f} ± {row[f'{key}_std']:.{digits}f}"
+  return _fmt(row[key], digits)
+
+
 def markdown(doc: dict) -> str:
   """claims.md: the stage-1 table, the sampling table, the acceptance reading and timings."""
   s = doc["settings"]
@@ -495,17 +663,25 @@ def markdown(doc: dict) -> str:
                " Short budget: the models are far from converged, so this table checks the "
                "pipeline; it is not evidence for or against the claims." if s["mode"] != "full"
                else ""), "",
+           f"Mean ± std over seeds {s['seeds']} (same data order per seed for every model). "
+           "Router margin: mean gap between the learned router's two logits on held-out "
+           "regions; routing change: fraction of held-out regions whose grain changed over the "
+           "last fifth of training.", "",
            "| model | router | target fine | fine ratio (eval) | codes/image | PSNR | SSIM | "
-           "LPIPS | rFID | detail precision | detail recall | train s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "LPIPS | rFID | detail precision | detail recall | router margin | routing change "
+           "| train s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for name, row in doc["models"].items():
-    train_s = doc["phases_seconds"].get(f"vae/{name}/train")
+    train_s = [v for k, v in doc["phases_seconds"].items()
+               if k.startswith(f"vae/{name}/seed") and k.endswith("/train")]
     lines.append(
         f"| {name} | {row['router']} | {_fmt(row['target_fine_ratio'], 2)} | "
         f"{_fmt(row['fine_ratio_mean'])} | {_fmt(row['codes_per_image'], 1)} | "
-        f"{_fmt(row['psnr'], 2)} | {_fmt(row['ssim'])} | {_fmt(row['lpips'])} | "
-        f"{_fmt(row['rfid'], 2)} | {_fmt(row['detail_precision'])} | "
-        f"{_fmt(row['detail_recall'])} | {_fmt(train_s, 0)} |")
+        f"{_pm(row, 'psnr', 2)} | {_pm(row, 'ssim')} | {_pm(row, 'lpips')} | "
+        f"{_fmt(row['rfid'], 2)} | {_pm(row, 'detail_precision')} | "
+        f"{_fmt(row['detail_recall'])} | {_fmt(row.get('router_margin_mean'), 2)} | "
+        f"{_fmt(row.get('routing_change_last'))} | "
+        f"{_fmt(float(np.mean(train_s)) if train_s else None, 0)} |")
   notes = {row.get(k) for row in doc["models"].values() for k in ("lpips_note", "rfid_note")}
   lines += [""] + [f"- {note}" for note in sorted(n for n in notes if n)]
   stage2 = doc.get("stage2")
@@ -538,6 +714,15 @@ def markdown(doc: dict) -> str:
           f"{_yes_no(check['close_to_fine'])}); it closes "
           f"{_fmt(check['psnr_gap_closed'], 2)} of the fixed_coarse -> fixed_fine PSNR difference "
           f"with {_fmt(check['codes_gap_spent'], 2)} of the extra codes.")
+      if "router_bar_met" in check:
+        lines.append(
+            f"  - learned-router bar (issue 15): PSNR - entropy_0.5 = "
+            f"{_fmt(check['psnr_minus_entropy_db'], 2)} dB, PSNR - fixed_fine = "
+            f"{_fmt(check['psnr_minus_fine_db'], 2)} dB (>= -{ROUTER_FINE_SLACK_DB}), detail "
+            f"precision >= {ROUTER_DETAIL_PRECISION}: "
+            f"{_yes_no(check['detail_precision_at_least'])}, LPIPS <= entropy's: "
+            f"{_yes_no(check.get('lpips_no_worse_than_entropy', False))}; met: "
+            f"{_yes_no(check['router_bar_met'])}.")
   lines += ["", f"Total {doc['total_seconds']:.0f} s on {doc['device']} "
             f"({doc['cpu_count']} CPUs). Phases (s): "
             + ", ".join(f"{k} {v:.0f}" for k, v in doc["phases_seconds"].items()) + "."]
@@ -549,9 +734,9 @@ def run_claims(settings: Settings, workdir: str, stage2: bool = True) -> dict:
   start = time.perf_counter()
   workdir = os.path.abspath(workdir)
   names = [spec["name"] for spec in model_specs(settings)]
-  if stage2 and not {DQ_MODEL, "fixed_fine"} <= set(names):
-    raise ValueError(f"stage 2 needs the stage-1 models {DQ_MODEL} and fixed_fine; the models "
-                     f"are {names} (add them, or turn stage 2 off)")
+  if stage2 and not {settings.dq_model, "fixed_fine"} <= set(names):
+    raise ValueError(f"stage 2 needs the stage-1 models {settings.dq_model} and fixed_fine; "
+                     f"the models are {names} (add them, or turn stage 2 off)")
   _check_workdir(workdir, settings)
   clock = PhaseClock()
   rows, configs = train_stage1(settings, workdir, clock)
@@ -585,10 +770,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
   parser.add_argument("--models", default="",
                       help="comma-separated subset of the stage-1 models (default: all)")
   parser.add_argument("--no_stage2", action="store_true", help="stage-1 models only")
+  parser.add_argument("--seeds", default="0", help="comma-separated seeds (each model once "
+                      "per seed; tables show mean ± std)")
+  parser.add_argument("--recipes", default="feature", help="comma-separated learned-router "
+                      f"recipes trained at every feature ratio; from {sorted(RECIPES)}")
+  parser.add_argument("--dq_model", default=DQ_MODEL,
+                      help="the stage-1 model whose tokens the DQ-Transformer learns")
   args = parser.parse_args(argv)
   mode = "quick" if args.quick else "smoke" if args.smoke else "full"
   settings = settings_for(mode, args.vae_steps, args.transformer_steps, args.rfid_images,
-                          models=tuple(filter(None, args.models.split(","))))
+                          models=tuple(filter(None, args.models.split(","))),
+                          seeds=tuple(int(x) for x in args.seeds.split(",")),
+                          recipes=tuple(filter(None, args.recipes.split(","))),
+                          dq_model=args.dq_model)
   logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                       format="%(asctime)s %(levelname)s %(message)s")
   logging.getLogger().setLevel(logging.INFO)

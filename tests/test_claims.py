@@ -101,6 +101,56 @@ def test_acceptance_arithmetic():
   assert "feature_0.25" not in result
 
 
+def test_router_acceptance_reads_the_issue_bar():
+  fine, entropy = {"psnr": 20.5, "lpips": 0.44}, {"psnr": 20.4, "lpips": 0.45}
+  good = {"psnr": 20.45, "lpips": 0.45, "detail_precision": 0.41, "router": "feature"}
+  check = claims.router_acceptance(good, entropy, fine)
+  assert check["router_bar_met"] and check["psnr_minus_fine_db"] == pytest.approx(-0.05)
+  for bad in ({"psnr": 20.39}, {"psnr": 20.39 + 0.0, "lpips": 0.46}, {"detail_precision": 0.39},
+              {"detail_precision": None}, {"psnr": 20.35, "lpips": 0.40}):
+    assert not claims.router_acceptance({**good, **bad}, entropy, fine)["router_bar_met"], bad
+  rows = {"fixed_coarse": _row(19.0, 64.0), "fixed_fine": {**_row(20.5, 256.0), **fine},
+          "entropy_0.5": {**_row(20.4, 160.0), **entropy}, "feature_0.5": {**good,
+                                                                           "codes_per_image": 160}}
+  assert claims.acceptance(rows)["feature_0.5"]["router_bar_met"]
+  assert "router_bar_met" not in claims.acceptance(rows)["entropy_0.5"]
+
+
+def test_seeds_aggregate_to_mean_and_std():
+  runs = {0: {"psnr": 20.0, "router": "feature", "routing_change": [0.2, 0.1], "x": None},
+          1: {"psnr": 21.0, "router": "feature", "routing_change": [0.3, 0.05], "x": None}}
+  row = claims.aggregate_seeds(runs)
+  assert row["psnr"] == pytest.approx(20.5) and row["psnr_std"] == pytest.approx(0.5)
+  assert row["routing_change_last"] == pytest.approx(0.075)
+  assert row["seeds"] == [0, 1] and row["per_seed"]["1"]["psnr"] == 21.0
+  assert row["router"] == "feature" and row["x"] is None and "x_std" not in row
+
+
+def test_recipes_are_config_overrides_and_feature_is_the_paper():
+  from dq.models.build import default_model_config
+  settings = claims.settings_for("smoke", recipes=tuple(claims.RECIPES))
+  specs = {spec["name"]: spec for spec in claims.model_specs(settings)}
+  paper = claims.vae_config(settings, specs["feature_0.5"], "/tmp/table.json", seed=3)
+  assert paper.seed == 3
+  router, default = paper.model.router, default_model_config().router
+  for field in ("norm", "gate_gradient", "train_gate", "temperature_steps", "warmup_steps"):
+    assert router[field] == default[field], field  # the paper recipe is the model default
+  assert router.gate_gradient == "official" and router.train_gate == "gumbel"
+  assert router.gumbel_temperature == 1.0 and paper.loss.budget_on == "hard"
+  assert router.thresholds_path == ""  # no warm-up, no entropy table
+  for recipe in claims.RECIPES:
+    config = claims.vae_config(settings, specs[f"{recipe}_0.5"], "/tmp/table.json")
+    for field, value in claims.RECIPES[recipe].items():
+      node = config
+      for part in field.split("."):
+        node = node[part]
+      assert node == value, (recipe, field)
+  with pytest.raises(KeyError, match="model.router.nrom"):
+    claims.apply_overrides(paper, {"model.router.nrom": "layer"})
+  with pytest.raises(ValueError, match="recipes"):
+    claims.settings_for("smoke", recipes=("nope",))
+
+
 def test_clean_makes_json_safe():
   cleaned = claims._clean({"a": math.nan, "b": (1, math.inf), "c": {"d": 2.5}})
   assert cleaned == {"a": None, "b": [1, None], "c": {"d": 2.5}}
@@ -132,8 +182,9 @@ def test_smoke_run_reports_every_model_and_field(smoke_run):
     assert row["lpips"] is None and "LPIPS off" in row["lpips_note"]
     assert row["rfid"] is None and "rFID off" in row["rfid_note"]
     assert row["train_final"]["step"] == settings.vae_steps
-    assert f"vae/{name}/train" in doc["phases_seconds"]
-    assert f"vae/{name}/eval" in doc["phases_seconds"]
+    assert f"vae/{name}/seed0/train" in doc["phases_seconds"]
+    assert f"vae/{name}/seed0/eval" in doc["phases_seconds"]
+    assert row["seeds"] == [0] and set(row["per_seed"]) == {"0"}
   coarse, fine = doc["models"]["fixed_coarse"], doc["models"]["fixed_fine"]
   assert coarse["codes_per_image"] == regions and coarse["fine_ratio_max"] == 0.0
   assert fine["codes_per_image"] == 4 * regions and fine["fine_ratio_min"] == 1.0
@@ -141,6 +192,12 @@ def test_smoke_run_reports_every_model_and_field(smoke_run):
   assert fine["detail_recall"] == 1.0
   assert fine["detail_precision"] == pytest.approx(fine["detail_base_rate"])
   assert "loss_budget" in doc["models"]["feature_0.5"]["train_final"]
+  feature = doc["models"]["feature_0.5"]
+  # Checkpoints at every fifth of training (here steps 1 and 2): one routing-change value.
+  assert feature["routing_steps"] == [1, 2] and len(feature["routing_change"]) == 1
+  assert 0.0 <= feature["routing_change"][0] <= 1.0
+  assert feature["router_margin_mean"] >= 0.0 and 0.0 <= feature["router_undecided"] <= 1.0
+  assert "routing_change" not in coarse
   assert "loss_budget" not in coarse["train_final"]  # no budget term for fixed grids
   assert set(doc["acceptance"]) == {"clear_margin_db", "close_db", "feature_0.5"}
   assert "entropy_thresholds" not in doc["phases_seconds"]  # no entropy model, no table

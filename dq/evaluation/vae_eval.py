@@ -40,6 +40,9 @@ def make_eval_fn(model, num_grains: int, with_lpips: bool = False):
     }
     if lpips_net is not None:
       result["lpips"] = lpips_net.apply({"params": lpips_params}, x, xrec)
+    if getattr(model, "router_kind", "") == "feature":
+      top2 = jax.lax.top_k(out["gate_logits"], 2)[0]  # [B, hc, wc, 2]
+      result["router_margin"] = top2[..., 0] - top2[..., 1]  # [B, hc, wc]
     return result
 
   return eval_fn
@@ -67,8 +70,9 @@ def evaluate_vae(model, variables: Any, data_cfg: Any, *, mesh, batch_size: int,
                                   sh.replicated(mesh)),
                     out_shardings=sh.replicated(mesh))
   with_mask = detail_mask_available(data_cfg)
-  acc: dict[str, list] = {k: [] for k in metric_names + ("grain", "codes", "mask",
-                                                         "procedural")}
+  maps = ("grain", "codes") + (("router_margin",) if getattr(model, "router_kind", "") ==
+                                "feature" else ())
+  acc: dict[str, list] = {k: [] for k in metric_names + maps + ("mask", "procedural")}
   seen = 0
   for batch in ds:
     n = batch["image"].shape[0]
@@ -77,7 +81,7 @@ def evaluate_vae(model, variables: Any, data_cfg: Any, *, mesh, batch_size: int,
                                  lpips_params if with_lpips else {}))
     # Each process keeps its own rows of the global batch.
     start = jax.process_index() * local_bs
-    for k in metric_names + ("grain", "codes"):
+    for k in metric_names + maps:
       acc[k].append(np.asarray(out[k])[start:start + n])
     acc["mask"].append(np.asarray(batch["detail_mask"]))
     acc["procedural"].append(np.asarray(batch["label"]) != PHOTO_LABEL)
@@ -91,6 +95,11 @@ def evaluate_vae(model, variables: Any, data_cfg: Any, *, mesh, batch_size: int,
                      with_detail_mask=with_mask)
   if with_lpips:
     result["lpips"] = float(cat["lpips"].mean())
+  if "router_margin" in cat:
+    # Decisiveness of the learned router: the gap between its two logits per region, and the
+    # fraction of regions below 1 (a Gumbel sample at T = 1 often flips those).
+    result["router_margin_mean"] = float(cat["router_margin"].mean())
+    result["router_undecided"] = float((cat["router_margin"] < 1.0).mean())
   if per_image:
     grain = cat["grain"]  # [N, hc, wc]
     result["fine_ratio_per_image"] = (grain == num_grains - 1).reshape(len(grain), -1).mean(1)
