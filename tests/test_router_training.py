@@ -390,8 +390,18 @@ def test_benefit_loss_in_the_update_step(tiny):
     ("loss.budget_triple", "plain", "config.loss.budget_triple = 'plain': expected one of "
      "('official', 'fractions')"),
     ("model.router.warmup_steps", -1, "config.model.router.warmup_steps = -1: expected an int "
-     ">= 0")])
+     ">= 0"),
+    ("loss.router_benefit_weight", -1.0, "config.loss.router_benefit_weight = -1.0: expected a "
+     "number >= 0")])
 def test_validate_names_bad_router_fields(field, value, line):
   config = load_config("demo_vae.py")
   config.update_from_flattened_dict({field: value})
   assert line in failures(config)
+
+
+def test_validate_refuses_the_benefit_target_for_triple_grain():
+  config = load_config("ffhq_vae.py", "triple,tiny")
+  assert not any("router_benefit_weight" in f for f in failures(config))
+  config.loss.router_benefit_weight = 1.0
+  assert any(f.startswith("config.loss.router_benefit_weight = 1.0: expected 0 for a "
+                          "triple-grain model") for f in failures(config))

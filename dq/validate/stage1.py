@@ -43,6 +43,10 @@ def _check_vae_model(c: Checker) -> None:
   c.choice("loss.budget_on", BUDGET_ON)
   c.choice("loss.budget_triple", TRIPLE_FORMS)
   c.number("loss.router_distill_weight", low=0.0)
+  benefit = c.number("loss.router_benefit_weight", low=0.0)
+  if benefit and num_grains == 3:
+    c.fail("loss.router_benefit_weight", benefit, "expected 0 for a triple-grain model (the "
+           "benefit target compares the two grains of a dual-grain model)")
   c.number("optim.router_lr_mult", low=0.0)
   ch_mult, dec_ch_mult = c.get("model.ch_mult"), c.get("model.dec_ch_mult")
   for field, mults in (("model.ch_mult", ch_mult), ("model.dec_ch_mult", dec_ch_mult)):
