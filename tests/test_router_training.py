@@ -392,7 +392,7 @@ def test_benefit_loss_in_the_update_step(tiny):
     ("model.router.warmup_steps", -1, "config.model.router.warmup_steps = -1: expected an int "
      ">= 0"),
     ("loss.router_benefit_weight", -1.0, "config.loss.router_benefit_weight = -1.0: expected a "
-     "number >= 0")])
+     "number >= 0.0")])
 def test_validate_names_bad_router_fields(field, value, line):
   config = load_config("demo_vae.py")
   config.update_from_flattened_dict({field: value})
