@@ -78,7 +78,8 @@ DQ_MODEL = "feature_0.5"  # the DQ-VAE the transformer is trained on
 RECIPES = {
     "feature": {"model.router.norm": "group", "model.router.gate_gradient": "official",
                 "model.router.train_gate": "gumbel", "model.router.temperature_steps": 0,
-                "model.router.warmup_steps": 0, "loss.budget_on": "hard",
+                "model.router.warmup_steps": 0, "model.router.detach_input": False,
+                "loss.budget_on": "hard",
                 "loss.router_benefit_weight": 0.0, "optim.router_lr_mult": 1.0},
 }
 # Settings fields that only pick which runs to make: a workdir can be extended with them.

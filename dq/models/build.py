@@ -36,12 +36,15 @@ def paper_router_training() -> dict:
   - gumbel_temperature_end, temperature_steps: anneal the temperature geometrically from
     `gumbel_temperature` to `gumbel_temperature_end` over the first `temperature_steps`
     steps (0: constant);
+  - detach_input: the router's input is detached from the encoder (its losses train only the
+    router, not the encoder features it reads);
   - warmup_steps: route by the entropy router (thresholds for `fine_ratio`, computed like the
     entropy router's) for the first K steps while the router learns to imitate it
     (`loss.router_distill_weight`); 0: no warm-up.
   """
   return dict(norm="group", gate_gradient="official", train_gate="gumbel",
-              gumbel_temperature_end=1.0, temperature_steps=0, warmup_steps=0)
+              gumbel_temperature_end=1.0, temperature_steps=0, warmup_steps=0,
+              detach_input=False)
 
 
 def _fail(field: str, value: Any, expected: str) -> None:
@@ -141,6 +144,7 @@ def build_dqvae(model_cfg: Any, entropy_thresholds: tuple = ()) -> DQVAE:
       router_norm=router.get("norm", "group"),
       gate_gradient=router.get("gate_gradient", "both"),
       train_gate=router.get("train_gate", "gumbel"),
+      router_detach=bool(router.get("detach_input", False)),
       entropy_thresholds=thresholds if router.kind == "entropy" else (),
       fixed_grain=fixed_grain,
       gumbel_temperature=float(router.gumbel_temperature),

@@ -70,6 +70,7 @@ class DQVAE(nn.Module):
   router_norm: str = "group"
   gate_gradient: str = "both"
   train_gate: str = "gumbel"
+  router_detach: bool = False
   entropy_thresholds: tuple = ()
   fixed_grain: int = 0
   gumbel_temperature: float = 1.0
@@ -136,7 +137,9 @@ class DQVAE(nn.Module):
       entropy = patch_entropy(x, x.shape[1] // taps[0].shape[1])  # [B, hc, wc]
       return (entropy_gate(entropy, self.entropy_thresholds),
               entropy_gate_logits(entropy, self.entropy_thresholds), {"entropy": entropy})
-    logits = self.router(taps)  # [B, hc, wc, G]
+    # router_detach: the router reads the taps but sends no gradient into the encoder.
+    logits = self.router([jax.lax.stop_gradient(t) for t in taps] if self.router_detach
+                         else taps)  # [B, hc, wc, G]
     if not train:
       return hard_gate(logits), logits, {}
     steer = steer or {}
