@@ -78,7 +78,8 @@ DQ_MODEL = "feature_0.5"  # the DQ-VAE the transformer is trained on
 RECIPES = {
     "feature": {"model.router.norm": "group", "model.router.gate_gradient": "official",
                 "model.router.train_gate": "gumbel", "model.router.temperature_steps": 0,
-                "model.router.warmup_steps": 0, "model.router.detach_input": False,
+                "model.router.warmup_steps": 0, "model.router.distill_steps": 0,
+                "model.router.detach_input": False,
                 "loss.budget_on": "hard",
                 "loss.router_benefit_weight": 0.0, "optim.router_lr_mult": 1.0},
 }
@@ -246,9 +247,9 @@ def vae_config(settings: Settings, spec: dict, thresholds_path: str,
   router.fine_ratio = spec["fine_ratio"]
   router.norm_groups = settings.router_norm_groups
   router.threshold_images = settings.threshold_images
-  # The entropy router and a learned router with an entropy warm-up share one threshold table.
-  uses_table = spec["router"] == "entropy" or (spec["router"] == "feature"
-                                               and router.warmup_steps > 0)
+  # The entropy router and a learned router with an entropy teacher share one threshold table.
+  from dq.train.router_control import needs_entropy_thresholds
+  uses_table = spec["router"] == "entropy" or needs_entropy_thresholds(router)
   router.thresholds_path = thresholds_path if uses_table else ""
   # Checkpoints at every fifth of training: the learned router's routing changes between them
   # are a diagnostic (routing_change).

@@ -38,13 +38,15 @@ def paper_router_training() -> dict:
     steps (0: constant);
   - detach_input: the router's input is detached from the encoder (its losses train only the
     router, not the encoder features it reads);
-  - warmup_steps: route by the entropy router (thresholds for `fine_ratio`, computed like the
-    entropy router's) for the first K steps while the router learns to imitate it
-    (`loss.router_distill_weight`); 0: no warm-up.
+  - warmup_steps: route by a teacher for the first K steps while the router learns to
+    imitate it (`loss.router_distill_weight`); 0: no warm-up. teacher: 'entropy' (the entropy
+    router for `fine_ratio`, thresholds computed like the entropy router's) or 'detail' (the
+    batch's regions with the most high-frequency detail, `dq.train.router_control`);
+    distill_steps: how long the imitation loss lasts (0: the warm-up, -1: all training).
   """
   return dict(norm="group", gate_gradient="official", train_gate="gumbel",
               gumbel_temperature_end=1.0, temperature_steps=0, warmup_steps=0,
-              detach_input=False)
+              teacher="entropy", distill_steps=0, detach_input=False)
 
 
 def _fail(field: str, value: Any, expected: str) -> None:

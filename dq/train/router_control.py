@@ -4,9 +4,13 @@
 arguments of `DQVAE.__call__` for one training step and the warm-up teacher's gate:
 - the Gumbel temperature of the step: constant `router.gumbel_temperature`, or a geometric
   anneal to `router.gumbel_temperature_end` over `router.temperature_steps` steps;
-- during the first `router.warmup_steps` steps, the entropy router's gate (thresholds for
-  `router.fine_ratio`) routes the regions, and the loss adds the router's imitation of it
-  (`loss.router_distill_weight`). The router's own decisions take over at step K.
+- during the first `router.warmup_steps` steps, a teacher's gate routes the regions, and the
+  loss adds the router's imitation of it (`loss.router_distill_weight`) for the first
+  `router.distill_steps` steps (0: as long as the teacher routes; -1: all of training). The
+  router's own decisions take over at step `warmup_steps`. Teachers (`router.teacher`):
+  'entropy' (the entropy router's gate, thresholds for `router.fine_ratio`) or 'detail' (the
+  regions of the batch with the most detail lost at half resolution, `patch_detail`: the
+  `fine_ratio` (and `median_ratio`) of them with the highest scores).
 All of it is traced (the step is a traced scalar), so one compiled step serves every phase.
 """
 from __future__ import annotations
@@ -18,6 +22,8 @@ import jax.numpy as jnp
 
 from dq.models.entropy import patch_entropy
 from dq.models.router import entropy_gate
+
+TEACHERS = ("entropy", "detail")
 
 
 def gumbel_temperature(router_cfg: Any, step: jax.Array) -> jax.Array:
@@ -32,31 +38,78 @@ def gumbel_temperature(router_cfg: Any, step: jax.Array) -> jax.Array:
 
 
 def needs_teacher(router_cfg: Any) -> bool:
-  """True when the feature router has an entropy warm-up (it then needs entropy thresholds)."""
-  return router_cfg.kind == "feature" and int(router_cfg.get("warmup_steps", 0)) > 0
+  """True when the feature router has a teacher (a warm-up or an imitation loss)."""
+  return router_cfg.kind == "feature" and (int(router_cfg.get("warmup_steps", 0)) > 0
+                                           or int(router_cfg.get("distill_steps", 0)) != 0)
+
+
+def needs_entropy_thresholds(router_cfg: Any) -> bool:
+  """True when the feature router's teacher is the entropy router (a threshold table)."""
+  return needs_teacher(router_cfg) and router_cfg.get("teacher", "entropy") == "entropy"
+
+
+def patch_detail(x: jax.Array, patch_size: int) -> jax.Array:
+  """Detail score per region [B, H / p, W / p]: mean |x - up2(avgpool2(x))| over the region,
+  i.e. what a half-resolution copy of the image loses there (high-frequency energy)."""
+  b, h, w, c = x.shape
+  x = x.astype(jnp.float32)
+  low = x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+  low = jnp.repeat(jnp.repeat(low, 2, axis=1), 2, axis=2)
+  return region_l1(x, low, patch_size)
+
+
+def top_fraction_gate(score: jax.Array, fine_ratio: float, median_ratio: float = 0.0,
+                      num_grains: int = 2) -> jax.Array:
+  """One-hot gate [B, h, w, G]: the batch's regions with the highest `score` [B, h, w] go to
+  the finest grain (a fraction `fine_ratio`), the next `median_ratio` to the median grain
+  (triple), the rest to the coarsest."""
+  flat = score.reshape(-1)
+  fine_at = jnp.quantile(flat, 1.0 - fine_ratio)
+  grain = (score > fine_at) | (fine_ratio >= 1.0)
+  if num_grains == 2:
+    return jax.nn.one_hot(grain.astype(jnp.int32), 2, dtype=jnp.float32)
+  median_at = jnp.quantile(flat, max(0.0, 1.0 - fine_ratio - median_ratio))
+  grains = jnp.where(grain, 2, jnp.where(score > median_at, 1, 0))
+  return jax.nn.one_hot(grains, 3, dtype=jnp.float32)
+
+
+def teacher_gate(router_cfg: Any, x: jax.Array, teacher_thresholds: Sequence[float],
+                 patch_size: int, num_grains: int) -> jax.Array:
+  """The warm-up teacher's one-hot gate [B, hc, wc, G] for images x (no gradient)."""
+  x = jax.lax.stop_gradient(x)
+  teacher = router_cfg.get("teacher", "entropy")
+  if teacher == "entropy":
+    if not teacher_thresholds:
+      raise ValueError("the entropy teacher (model.router.teacher='entropy') needs the entropy "
+                       "router's thresholds (make_update_fn(..., teacher_thresholds=...))")
+    return entropy_gate(patch_entropy(x, patch_size), teacher_thresholds)
+  if teacher == "detail":
+    return top_fraction_gate(patch_detail(x, patch_size), float(router_cfg.fine_ratio),
+                             float(router_cfg.get("median_ratio", 0.0)), num_grains)
+  raise ValueError(f"model.router.teacher={teacher!r}: expected one of {TEACHERS}")
 
 
 def router_steering(router_cfg: Any, step: jax.Array, x: jax.Array,
-                    teacher_thresholds: Sequence[float], patch_size: int
+                    teacher_thresholds: Sequence[float], patch_size: int, num_grains: int = 2
                     ) -> tuple[dict, jax.Array | None, jax.Array]:
   """Returns (DQVAE keyword arguments, teacher gate [B, hc, wc, G] or None, teacher weight).
 
   x: the step's images [B, H, W, 3]; patch_size: the coarsest downsampling factor.
-  The teacher weight is 1.0 while the teacher routes (step < warmup_steps), else 0.0.
+  The teacher weight (of the imitation loss) is 1.0 for step < distill_steps (0: the warm-up's
+  length, -1: always), else 0.0; the teacher routes for step < warmup_steps.
   """
   if router_cfg.kind != "feature":
     return {}, None, jnp.zeros((), jnp.float32)
   kwargs = {"temperature": gumbel_temperature(router_cfg, step)}
   if not needs_teacher(router_cfg):
     return kwargs, None, jnp.zeros((), jnp.float32)
-  if not teacher_thresholds:
-    raise ValueError("model.router.warmup_steps > 0 needs the entropy router's thresholds for "
-                     "the warm-up teacher (make_update_fn(..., teacher_thresholds=...))")
-  teacher = entropy_gate(jax.lax.stop_gradient(patch_entropy(x, patch_size)),
-                         teacher_thresholds)
-  active = jnp.asarray(step) < int(router_cfg.warmup_steps)
-  kwargs.update(route_gate=teacher, use_route_gate=active)
-  return kwargs, teacher, active.astype(jnp.float32)
+  teacher = teacher_gate(router_cfg, x, teacher_thresholds, patch_size, num_grains)
+  warmup = int(router_cfg.get("warmup_steps", 0))
+  distill = int(router_cfg.get("distill_steps", 0)) or warmup
+  step = jnp.asarray(step)
+  imitate = jnp.asarray(True) if distill < 0 else step < distill
+  kwargs.update(route_gate=teacher, use_route_gate=step < warmup)
+  return kwargs, teacher, imitate.astype(jnp.float32)
 
 
 def region_l1(x: jax.Array, xrec: jax.Array, patch_size: int) -> jax.Array:

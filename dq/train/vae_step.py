@@ -99,7 +99,7 @@ def make_update_fn(model, tx: optax.GradientTransformation, schedule, *, loss_cf
       capture_latents = False if update_codebook else (
           lambda module, method: module.name == "quant_conv" and method == "__call__")
       steer, teacher, teacher_weight = router_steering(router_cfg, state.step, x,
-                                                       teacher_thresholds, patch_size)
+                                                       teacher_thresholds, patch_size, num_grains)
       outputs, new_vars = model.apply(
           {"params": params, "codebook": state.codebook}, x, train=True, mutable=mutable,
           rngs=rngs, capture_intermediates=capture_latents, **steer)

@@ -21,7 +21,7 @@ from dq.models.build import build_dqvae
 from dq.train import checkpoint as ckpt
 from dq.train import throughput
 from dq.train.optim import make_optimizer
-from dq.train.router_control import needs_teacher
+from dq.train.router_control import needs_entropy_thresholds
 from dq.train.loop import (TrainLoop, check_batch_size, guard_nonfinite, save_config,
                            warn_codebook_collapse)
 from dq.train.state import TrainState, abstract_with_shardings, sharded_init
@@ -39,7 +39,7 @@ def resolve_entropy_thresholds(config: Any, workdir: str) -> tuple[float, ...]:
   stored as `WORKDIR/entropy_thresholds.json`."""
   from dq.models import entropy
   router = config.model.router
-  if router.kind != "entropy" and not needs_teacher(router):
+  if router.kind != "entropy" and not needs_entropy_thresholds(router):
     return ()
   path = router.thresholds_path
   if not path:
@@ -177,7 +177,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
                              microbatches=config.train.get("microbatches", 1),
                              activation_sharding=sh.batch_sharding(mesh),
                              teacher_thresholds=resolve_entropy_thresholds(config, workdir)
-                             if needs_teacher(config.model.router) else ())
+                             if needs_entropy_thresholds(config.model.router) else ())
   repl = sh.replicated(mesh)
   train_step = jax.jit(guard_nonfinite(update_fn),
                        in_shardings=(state_shardings, sh.batch_sharding(mesh), repl),

@@ -36,7 +36,11 @@ def _check_vae_model(c: Checker) -> None:
   c.existing("model.router.thresholds_path", "file", "an entropy threshold table of "
              "python -m dq.tools.entropy_thresholds")
   warmup = c.integer("model.router.warmup_steps", 0)
-  if (kind == "entropy" or warmup) and not c.get("model.router.thresholds_path"):
+  distill = c.integer("model.router.distill_steps", -1)
+  from dq.train.router_control import TEACHERS
+  teacher = c.choice("model.router.teacher", TEACHERS)
+  entropy_teacher = kind == "feature" and (warmup or distill) and teacher == "entropy"
+  if (kind == "entropy" or entropy_teacher) and not c.get("model.router.thresholds_path"):
     c.integer("model.router.threshold_images", 1)
   c.integer("model.router.temperature_steps", 0)
   c.number("model.router.gumbel_temperature_end", low=0.0, low_open=True)
