@@ -68,21 +68,17 @@ import jax
 import ml_collections
 import numpy as np
 
+from dq.configs import ROUTER_RECIPES, set_fields
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("smoke", "quick", "full")
 RATIOS = (0.25, 0.5, 0.75)
 DQ_MODEL = "feature_0.5"  # the DQ-VAE the transformer is trained on
-# Training recipes of the learned (feature) router, as dotted config overrides over
-# configs/demo_vae.py. 'feature' is the paper's recipe exactly (hard Gumbel-softmax at T = 1,
-# budget on the sampled gate, the official `h * gate.max()` gate, GroupNorm router).
-RECIPES = {
-    "feature": {"model.router.norm": "group", "model.router.gate_gradient": "official",
-                "model.router.train_gate": "gumbel", "model.router.temperature_steps": 0,
-                "model.router.warmup_steps": 0, "model.router.distill_steps": 0,
-                "model.router.detach_input": False,
-                "loss.budget_on": "hard",
-                "loss.router_benefit_weight": 0.0, "optim.router_lr_mult": 1.0},
-}
+# Training recipes of the learned (feature) router (dq.configs.ROUTER_RECIPES), as dotted config
+# overrides over configs/demo_vae.py. 'feature' is the paper's recipe exactly (hard
+# Gumbel-softmax at T = 1, budget on the sampled gate, the official `h * gate.max()` gate,
+# GroupNorm router); 'guided' is this project's default (a detail teacher, see dq.configs).
+RECIPES = {"feature": ROUTER_RECIPES["paper"], "guided": ROUTER_RECIPES["guided"]}
 # Settings fields that only pick which runs to make: a workdir can be extended with them.
 SELECTION_FIELDS = ("models", "seeds")
 CLEAR_MARGIN_DB = 1.0  # "beats fixed-coarse by a clear margin": at least this PSNR gain
@@ -218,16 +214,7 @@ def _load_sampling_benchmark():
   return module
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
-  """Sets dotted `field: value` pairs (e.g. {'model.router.norm': 'layer'}) on `config`."""
-  for field, value in overrides.items():
-    *path, key = field.split(".")
-    node = config
-    for part in path:
-      node = node[part]
-    if key not in node:
-      raise KeyError(f"recipe field {field} is not a config field")
-    node[key] = value
+apply_overrides = set_fields  # dotted config overrides, e.g. a recipe's
 
 
 def vae_config(settings: Settings, spec: dict, thresholds_path: str,

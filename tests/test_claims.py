@@ -145,7 +145,7 @@ def test_recipes_are_config_overrides_and_feature_is_the_paper():
       for part in field.split("."):
         node = node[part]
       assert node == value, (recipe, field)
-  with pytest.raises(KeyError, match="model.router.nrom"):
+  with pytest.raises(KeyError, match="model.router.nrom is not a config field"):
     claims.apply_overrides(paper, {"model.router.nrom": "layer"})
   with pytest.raises(ValueError, match="recipes"):
     claims.settings_for("smoke", recipes=("nope",))
