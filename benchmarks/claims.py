@@ -224,8 +224,9 @@ def vae_config(settings: Settings, spec: dict, thresholds_path: str,
   steps = settings.vae_steps
   config = _load_config_module("demo_vae").get_config(f"steps={steps}")
   config.seed = seed
-  if spec.get("recipe"):
-    apply_overrides(config, RECIPES[spec["recipe"]])
+  # Fixed-grid and entropy models carry the base (paper) router-training fields, which they
+  # do not use; learned-router models carry their recipe's.
+  apply_overrides(config, RECIPES[spec.get("recipe") or "feature"])
   config.data.image_size = settings.image_size
   config.data.embedded.eval_size = settings.eval_images
   config.model.update(dict(settings.model, resolution=settings.image_size))
