@@ -47,8 +47,9 @@ def assert_fails(config, field, value, expectation):
 
 
 def write_run(workdir, config):
-  """A run folder as a trainer leaves it (config.json only; no checkpoint is read)."""
-  os.makedirs(workdir, exist_ok=True)
+  """A run folder as a trainer leaves it (config.json and an empty checkpoints/1 folder: the
+  rules look for a checkpoint but read none)."""
+  os.makedirs(os.path.join(workdir, "checkpoints", "1"), exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=1))
   return str(workdir)
@@ -295,6 +296,19 @@ def test_stage1_path_must_be_a_stage1_run(tmp_path, demo_stage1):
   stage2 = write_run(tmp_path / "stage2", demo_transformer(demo_stage1))
   assert_fails(demo_transformer(stage2), "config.stage1.path", stage2,
                "is the config of a 'transformer' run, not of a stage-1 DQ-VAE")
+
+
+def test_stage1_workdir_without_a_checkpoint_is_named_as_stage1_path(tmp_path, demo_stage1):
+  import shutil
+  shutil.rmtree(os.path.join(demo_stage1, "checkpoints", "1"))
+  line = assert_fails(demo_transformer(demo_stage1), "config.stage1.path", demo_stage1,
+                      "expected a stage-1 workdir with a saved checkpoint")
+  assert "init_from" not in line
+  from dq.stage2 import stage1 as stage1_lib
+  with pytest.raises(FileNotFoundError) as error:  # the loader, used without the checks
+    stage1_lib.load_stage1(demo_stage1)
+  assert str(error.value).startswith("stage-1 DQ-VAE: no checkpoint under")
+  assert "init_from" not in str(error.value)
 
 
 def test_converted_init_from_vocabulary_block_size_and_width(tmp_path, demo_stage1):

@@ -87,7 +87,11 @@ def _read_workdir(workdir: str, path: str) -> tuple[dict, ml_collections.ConfigD
   if stage != "vae" or "model" not in config:
     raise ValueError(f"{config_path} is the config of a {stage!r} run, not of a stage-1 DQ-VAE "
                      f"(config.stage='vae'); {STAGE1_HINT}")
-  restored = checkpoint.restore_params_from(path)
+  try:
+    restored = checkpoint.restore_params_from(path, field="stage-1 DQ-VAE")
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e} (the stage-1 run has saved no checkpoint yet); "
+                            f"{STAGE1_HINT}") from e
   missing = [name for name in ("params", "codebook") if name not in restored]
   if missing:
     raise ValueError(f"the checkpoint under {path} has no {missing} (not a DQ-VAE train state)")

@@ -62,12 +62,13 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any 
   return restored["state"], step
 
 
-def restore_params_from(path: str) -> dict:
+def restore_params_from(path: str, field: str = "config.init_from") -> dict:
   """The saved state as a dict of host arrays, from a workdir, `.../checkpoints` or
-  `.../checkpoints/<step>` (any other fields, e.g. optimizer or discriminator, may differ)."""
+  `.../checkpoints/<step>` (any other fields, e.g. optimizer or discriminator, may differ).
+  `field`: the config field that named `path` (for the error messages)."""
   path = os.path.abspath(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"config.init_from: {path} does not exist")
+    raise FileNotFoundError(f"{field}: {path} does not exist")
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   if os.path.isdir(os.path.join(path, "state")):
@@ -76,7 +77,7 @@ def restore_params_from(path: str) -> dict:
     manager = ocp.CheckpointManager(path, item_names=("state", "data"))
     step = manager.latest_step()
     if step is None:
-      raise FileNotFoundError(f"config.init_from: no checkpoint under {path}")
+      raise FileNotFoundError(f"{field}: no checkpoint under {path}")
     state_dir = os.path.join(path, str(step), "state")
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(state_dir)

@@ -67,6 +67,11 @@ def stage1_facts(c: Checker, field: str, path: Any, via: str = "") -> Optional[d
   except (OSError, ValueError) as e:
     report(f"expected a stage-1 DQ-VAE ({one_line(str(e))})")
     return None
+  if not _has_checkpoint(path, directory):
+    report(f"expected a stage-1 workdir with a saved checkpoint; {directory}/checkpoints has "
+           "none yet (train stage 1 first: python -m dq.main --config=configs/demo_vae.py "
+           f"--workdir={directory})")
+    return None
   try:
     num_grains, resolution = int(model["num_grains"]), int(model["resolution"])
     levels, codebook_size = len(model["ch_mult"]), int(model["codebook_size"])
@@ -87,6 +92,18 @@ def stage1_facts(c: Checker, field: str, path: Any, via: str = "") -> Optional[d
   coarse = resolution // 2 ** (levels - 1)
   return {"path": path, "resolution": resolution, "coarse": coarse, "fine": 2 * coarse,
           "codebook_size": codebook_size}
+
+
+def _has_checkpoint(path: str, directory: str) -> bool:
+  """False for a stage-1 workdir (or its checkpoints folder) that holds no step folder."""
+  root = os.path.join(directory, "checkpoints")
+  if os.path.abspath(path) not in (os.path.abspath(directory), os.path.abspath(root)):
+    return True  # a converted folder or one checkpoints/STEP folder
+  from dq.tools import convert_official_dqvae as convert
+  if os.path.isfile(os.path.join(directory, convert.PARAMS_FILE)):
+    return True
+  return os.path.isdir(root) and any(name.isdigit() and os.path.isdir(os.path.join(root, name))
+                                     for name in os.listdir(root))
 
 
 def _known_num_classes(c: Checker) -> Optional[int]:
