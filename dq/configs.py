@@ -179,6 +179,7 @@ def vae_base_config() -> ml_collections.ConfigDict:
       microbatches=1,              # gradient accumulation over this many batch slices (one
                                    # EMA codebook update per step; see dq.train.vae_step)
       skip_nonfinite=False,        # True: a non-finite step is skipped and counted, not fatal
+      allow_data_restart=False,    # True: resume from a checkpoint without data-iterator state
       dead_code_warning=0.9))      # warn once when more of the codebook than this is dead
   config.eval = ml_collections.ConfigDict(dict(batch_size=32, at_end=True, max_images=0,
                                                lpips=True))
@@ -272,7 +273,8 @@ def transformer_base_config() -> ml_collections.ConfigDict:
       batch_size=32, num_steps=100_000, log_every=50, sample_every=5000, sample_images=16,
       checkpoint_every=1000, keep_checkpoints=3, async_checkpointing=True, tensorboard=True,
       microbatches=1,                 # gradient accumulation over this many batch slices
-      skip_nonfinite=False))          # True: a non-finite step is skipped and counted, not fatal
+      skip_nonfinite=False,           # True: a non-finite step is skipped and counted, not fatal
+      allow_data_restart=False))      # True: resume from a checkpoint without data state
   config.sample = ml_collections.ConfigDict(dict(
       num_images=64, batch_size=16, seed=0,
       labels="",                   # '': cycle over the classes; or '3,3,7'

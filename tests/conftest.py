@@ -33,3 +33,14 @@ def fixture_path(name: str) -> pathlib.Path:
 def official_dqvae():
   import numpy as np
   return dict(np.load(fixture_path("official_dqvae_dual_64px.npz")))
+
+
+@pytest.fixture(scope="session")
+def vae_run_4_steps(tmp_path_factory):
+  """A tiny stage-1 workdir (`test_train_vae.tiny_config`) trained 4 steps with checkpoints 2
+  and 4; tests copy it before changing it."""
+  from dq.train import vae_trainer
+  from test_train_vae import tiny_config
+  path = str(tmp_path_factory.mktemp("vae_run_4_steps") / "wd")
+  vae_trainer.train_and_evaluate(tiny_config(4, checkpoint_every=2), path)
+  return path

@@ -6,12 +6,20 @@ Orbax writes into a temporary folder and renames it when complete, so an interru
 replaces the last good checkpoint, and `latest_step()` only sees complete ones. The data
 iterator is saved *before* the next batch is drawn (Kauldron's order), so a resume sees exactly
 the batches an uninterrupted run would have seen.
+
+Resuming (`restore_latest`) takes the newest checkpoint that loads: a damaged one (an empty
+step folder, a missing `state` item, an unreadable array file) is reported with its step and
+why, and once an older one has loaded it is moved, intact, to `WORKDIR/damaged_checkpoints/`
+(never deleted) so that the resumed run can save that step again. A checkpoint without its
+data-iterator state is an error unless `train.allow_data_restart`. A save that fails (also an
+asynchronous one, found at the next step by `check_pending_save`) raises `CheckpointSaveError`.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+import shutil
+from typing import Any, Callable, Optional
 
 import grain
 import jax
@@ -30,14 +38,64 @@ def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True) -> ocp
                      "counters": ocp.JsonCheckpointHandler()})
 
 
+DAMAGED_DIR = "damaged_checkpoints"  # WORKDIR/damaged_checkpoints/<step>: moved aside, kept
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written; the previous one is still the latest."""
+
+
+class CheckpointMismatch(ValueError):
+  """A checkpoint's arrays do not fit the state this config builds (not damage)."""
+
+
+class DataStateMissing(FileNotFoundError):
+  """A checkpoint has no data-iterator state (see `train.allow_data_restart`)."""
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any | None,
          counters: dict[str, int] | None = None) -> None:
+  """Saves (asynchronously when the manager is); a failure that shows at once raises
+  CheckpointSaveError, a later one `check_pending_save`."""
   items = {"state": ocp.args.StandardSave(state)}
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iter)
   if counters is not None:
     items["counters"] = ocp.args.JsonSave({k: int(v) for k, v in counters.items()})
-  manager.save(step, args=ocp.args.Composite(**items), force=True)
+  try:
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
+  except Exception as e:  # orbax and tensorstore raise many types (OSError, ValueError, ...)
+    raise _save_error(manager, step, e) from e
+
+
+def check_pending_save(manager: ocp.CheckpointManager, step: Optional[int],
+                       wait: bool = False) -> Optional[int]:
+  """Checks the save of `step` once it has finished (at once with `wait`); returns `step`
+  while it is still being written, else None.
+
+  Raises:
+    CheckpointSaveError: the save failed (`checkpoint N could not be written to PATH: why`).
+  """
+  if step is None or (not wait and manager.is_saving_in_progress()):
+    return step
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # the background save's own error, re-raised by orbax
+    raise _save_error(manager, step, e) from e
+  if step not in manager.all_steps():
+    raise _save_error(manager, step, RuntimeError("the save did not complete (see the log)"))
+  return None
+
+
+def _save_error(manager, step: int, error: BaseException) -> CheckpointSaveError:
+  reason = (error.strerror if isinstance(error, OSError) and error.strerror
+            else " ".join(str(error).split()) or type(error).__name__)
+  latest = [s for s in manager.all_steps() if s != step]
+  previous = (f"checkpoint {max(latest)} is still the latest" if latest
+              else "no earlier checkpoint exists")
+  return CheckpointSaveError(f"checkpoint {step} could not be written to "
+                             f"{os.path.join(str(manager.directory), str(step))}: "
+                             f"{_cut(reason)} ({previous}; training stopped)")
 
 
 def restore_counters(manager: ocp.CheckpointManager, step: int) -> dict[str, int]:
@@ -49,17 +107,123 @@ def restore_counters(manager: ocp.CheckpointManager, step: int) -> dict[str, int
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any | None,
-            step: int | None = None) -> tuple[Any, int]:
-  """Restores `abstract_state` (a pytree of ShapeDtypeStruct with shardings) and the iterator."""
+            step: int | None = None, allow_data_restart: bool = False) -> tuple[Any, int]:
+  """Restores `abstract_state` (a pytree of ShapeDtypeStruct with shardings) and the iterator.
+
+  Raises:
+    DataStateMissing: `data_iter` is given, the checkpoint has no data state and
+      `allow_data_restart` is off.
+  """
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no complete checkpoint in {manager.directory}")
   items = {"state": ocp.args.StandardRestore(abstract_state)}
-  if data_iter is not None and _has_item(manager, step, "data"):
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+  if data_iter is not None:
+    data_dir = os.path.join(str(manager.directory), str(step), "data")
+    if _has_item(manager, step, "data"):
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    elif allow_data_restart:
+      logging.warning("Checkpoint %d has no data-iterator state (%s is missing): the data order "
+                      "restarts from the beginning (config.train.allow_data_restart)", step,
+                      data_dir)
+    else:
+      raise DataStateMissing(
+          f"checkpoint {step} has no data-iterator state: {data_dir} is missing. Resuming would "
+          "restart the data order, so the run would no longer match an uninterrupted one. "
+          "Put that folder back, or set --config.train.allow_data_restart=True to accept "
+          "restarting the data order")
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   logging.info("Restored checkpoint at step %d from %s", step, manager.directory)
   return restored["state"], step
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Callable[[], Any],
+                   data_iter: Any | None, allow_data_restart: bool = False
+                   ) -> Optional[tuple[Any, int]]:
+  """(state, step) of the newest checkpoint that loads, or None when there is none.
+
+  `abstract_state()` gives the restore target. Damaged checkpoints are skipped with a warning
+  naming the step and why; once an older one has loaded they are moved to
+  WORKDIR/damaged_checkpoints (kept). A checkpoint that does not fit the config
+  (CheckpointMismatch) or lacks its data state (DataStateMissing) stops the search.
+
+  Raises:
+    RuntimeError: there are checkpoints but none loads (nothing is moved).
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    return None
+  target, damaged = abstract_state(), []
+  for step in steps:
+    reason = damage_reason(str(manager.directory), step)
+    if reason is None:
+      try:
+        state, _ = restore(manager, target, data_iter, step, allow_data_restart)
+      except (DataStateMissing, CheckpointMismatch):
+        raise
+      except ValueError as e:
+        if not _is_mismatch(e):
+          reason = _cut(f"{type(e).__name__}: {' '.join(str(e).split())}")
+        else:
+          raise CheckpointMismatch(f"checkpoint {step} in {manager.directory} does not fit this "
+                                   f"config: {_cut(' '.join(str(e).split()))}") from e
+      except Exception as e:  # tensorstore, orbax and json errors of a damaged checkpoint
+        reason = _cut(f"{type(e).__name__}: {' '.join(str(e).split())}")
+      else:
+        _move_damaged(manager, damaged, step)
+        return state, step
+    logging.warning("Checkpoint %d in %s cannot be restored (%s); trying the previous one",
+                    step, manager.directory, reason)
+    damaged.append((step, reason))
+  listing = "; ".join(f"{step}: {reason}" for step, reason in damaged)
+  raise RuntimeError(f"no checkpoint in {manager.directory} can be restored ({listing}); "
+                     "nothing was moved or deleted. Repair or move them away to start over")
+
+
+def damage_reason(directory: str, step: int) -> Optional[str]:
+  """Why checkpoint `step` under `directory` is visibly damaged, or None when it looks whole
+  (its arrays are only read by the restore itself)."""
+  path = os.path.join(directory, str(step))
+  if not os.listdir(path):
+    return f"{path} is empty"
+  state = os.path.join(path, "state")
+  if not os.path.isdir(state):
+    return f"its state item is missing ({state})"
+  if not os.path.isfile(os.path.join(state, "_METADATA")):
+    return f"its state item has no _METADATA ({state})"
+  return None
+
+
+def _move_damaged(manager: ocp.CheckpointManager, damaged: list, restored_step: int) -> None:
+  """Moves the damaged checkpoints newer than `restored_step` to WORKDIR/damaged_checkpoints
+  (process 0; every process then reloads the step list)."""
+  if not damaged:
+    return
+  root = os.path.join(os.path.dirname(str(manager.directory)), DAMAGED_DIR)
+  for step, reason in damaged:
+    target = os.path.join(root, str(step))
+    suffix = 1
+    while os.path.exists(target):
+      target, suffix = os.path.join(root, f"{step}-{suffix}"), suffix + 1
+    if jax.process_index() == 0:
+      os.makedirs(root, exist_ok=True)
+      shutil.move(os.path.join(str(manager.directory), str(step)), target)
+    logging.warning("Resuming from checkpoint %d: checkpoint %d cannot be restored (%s); it was "
+                    "moved, unchanged, to %s", restored_step, step, reason, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("dq_move_damaged_checkpoints")
+  manager.reload()
+
+
+def _is_mismatch(error: ValueError) -> bool:
+  text = str(error)
+  return any(s in text for s in ("is not compatible with the stored shape",
+                                 "tree structures do not match", "Requested shape"))
+
+
+def _cut(text: str, limit: int = 300) -> str:
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def restore_params_from(path: str, field: str = "config.init_from") -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -80,14 +80,16 @@ class NonFiniteMonitor:
 
 
 class TrainLoop:
-  """Steps `start+1 .. total` with progress lines, non-finite checks, stop requests and the
-  checkpoint cadence. Use as a context manager (installs the stop-signal handlers)."""
+  """Steps `start+1 .. total` with progress lines, non-finite checks, stop requests, the
+  checkpoint cadence and save checks (`save`; a failed asynchronous save stops the run at the
+  next step). Use as a context manager (installs the stop-signal handlers)."""
 
   def __init__(self, train_cfg: Any, manager: Any, start: int):
     self.total, self.start = train_cfg.num_steps, start
     self.log_every, self.checkpoint_every = train_cfg.log_every, train_cfg.checkpoint_every
     self.manager = manager
     self.watch = PreemptionWatch()
+    self._saving: Optional[int] = None  # the step whose asynchronous save may be running
     self.monitor = NonFiniteMonitor(manager, skip=train_cfg.get("skip_nonfinite", False))
     self.progress = Progress(self.total, start, every=self.log_every)
     self.preempted = False
@@ -112,7 +114,9 @@ class TrainLoop:
         return
 
   def stepped(self, step: int, metrics: dict, skipped_records: int = 0) -> None:
-    """After dispatching `step`; `skipped_records` is its batch's count (see make_dataset)."""
+    """After dispatching `step`; `skipped_records` is its batch's count (see make_dataset).
+    Raises CheckpointSaveError when the previous save has failed."""
+    self._saving = ckpt.check_pending_save(self.manager, self._saving)
     self.monitor.push(step, metrics)
     self.skipped_records += int(skipped_records)
     self.progress(step)
@@ -159,6 +163,16 @@ class TrainLoop:
       logging.warning("Stopping at step %d on request; the checkpoint of this step is being "
                       "saved. Rerun the same command to resume.", step)
     return due
+
+  def save(self, step: int, state: Any, data_iter: Any) -> None:
+    """Checkpoints `step` (with the counters); waits for and checks the previous save first."""
+    self._saving = ckpt.check_pending_save(self.manager, self._saving, wait=True)
+    ckpt.save(self.manager, step, state, data_iter, self.counters())
+    self._saving = step
+
+  def finish(self) -> None:
+    """Waits for the last save; CheckpointSaveError when it failed."""
+    self._saving = ckpt.check_pending_save(self.manager, self._saving, wait=True)
 
 
 def save_config(config: Any, workdir: str) -> None:

@@ -253,9 +253,11 @@ def setup(config: Any, workdir: str):
   tokens = TrainTokens(config, stage1, data_cfg, layout, mesh, local_bs)
   manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints,
                               async_save=config.train.get("async_checkpointing", True))
-  if manager.latest_step() is not None:
-    abstract = abstract_with_shardings(init_fn, rng, state_shardings)
-    state, _ = ckpt.restore(manager, abstract, tokens.iterator)
+  restored = ckpt.restore_latest(
+      manager, lambda: abstract_with_shardings(init_fn, rng, state_shardings), tokens.iterator,
+      allow_data_restart=config.train.get("allow_data_restart", False))
+  if restored is not None:
+    state = restored[0]
   else:
     state, _ = sharded_init(init_fn, rng, lambda a: state_shardings)
     if config.get("init_from"):
@@ -317,8 +319,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TransformerState:
       if generate is not None and (step % sample_every == 0 or step == total):
         _write_sample_grid(writer, generate, decode_partial, state.params, config, layout, step)
       if loop.save_due(step):
-        ckpt.save(manager, step, state, tokens.iterator, loop.counters())
-  manager.wait_until_finished()
+        loop.save(step, state, tokens.iterator)
+  loop.finish()
   writer.flush()
   return state
 

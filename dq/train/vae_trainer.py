@@ -154,9 +154,11 @@ def setup(config: Any, workdir: str):
   train_iter = iter(train_ds)
   manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints,
                               async_save=config.train.get("async_checkpointing", True))
-  if manager.latest_step() is not None:
-    abstract = abstract_with_shardings(init_fn, rng, state_shardings)
-    state, _ = ckpt.restore(manager, abstract, train_iter)
+  restored = ckpt.restore_latest(
+      manager, lambda: abstract_with_shardings(init_fn, rng, state_shardings), train_iter,
+      allow_data_restart=config.train.get("allow_data_restart", False))
+  if restored is not None:
+    state = restored[0]
   else:
     state, _ = sharded_init(init_fn, rng, lambda a: state_shardings)
     if config.get("init_from"):
@@ -214,8 +216,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
                                          or step == total) and not loop.preempted:
         _write_summary(writer, reconstruct, state, summary_images, config.model, step)
       if loop.save_due(step):
-        ckpt.save(manager, step, state, train_iter, loop.counters())
-  manager.wait_until_finished()
+        loop.save(step, state, train_iter)
+  loop.finish()
   if loop.preempted:
     writer.flush()
     return state

@@ -128,6 +128,7 @@ def check_train_loop(c: Checker) -> None:
   c.integer("train.keep_checkpoints", 1)
   c.boolean("train.async_checkpointing")
   c.boolean("train.tensorboard")
+  c.boolean("train.allow_data_restart")
   if c.get("stage") == "vae":
     c.integer("train.summary_every", 0)
     c.integer("train.summary_images", 0)
