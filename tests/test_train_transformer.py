@@ -178,6 +178,27 @@ def test_resume_matches_uninterrupted_run(trained):
   assert all(r["tokens"] >= 8 * 20 for r in rows)  # every sequence has >= nc + 4 tokens
 
 
+def test_resume_with_another_model_size_is_refused_before_building(stage1_dir, trained,
+                                                                    tmp_path, monkeypatch):
+  import shutil
+  from dq.validate.resume import ResumeConfigError
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained["split_dir"], workdir)
+  before = open(os.path.join(workdir, "config.json"), "rb").read()
+  config = tiny_config(stage1_dir, 6)
+  saved = json.loads(before)["model"]["n_embd"]
+  config.model.n_embd = 2 * saved
+  config.tokens.fine_order = "region"
+  config.train.batch_size = 16  # allowed on resume
+  monkeypatch.setattr(tt, "setup", lambda *a: pytest.fail("the trainer started building"))
+  with pytest.raises(ResumeConfigError) as error:
+    tt.train_and_evaluate(config, workdir)
+  text = str(error.value)
+  assert f"model.n_embd: {saved} -> {2 * saved}" in text
+  assert "tokens.fine_order: 'row' -> 'region'" in text and "batch_size" not in text
+  assert open(os.path.join(workdir, "config.json"), "rb").read() == before
+
+
 def expected_strip_shape(rows):
   """A coarse-to-fine strip of `rows` 32 px samples at scale 2: a caption band, then rows of
   five 64 px frames (coarse, fine 25/50/75/100%) with 2 px separators."""

@@ -10,7 +10,6 @@ checkpoint, or, with `train.skip_nonfinite`, counts the skipped step and goes on
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -82,13 +81,15 @@ class NonFiniteMonitor:
 class TrainLoop:
   """Steps `start+1 .. total` with progress lines, non-finite checks, stop requests, the
   checkpoint cadence and save checks (`save`; a failed asynchronous save stops the run at the
-  next step). Use as a context manager (installs the stop-signal handlers)."""
+  next step). Use as a context manager (installs the stop-signal handlers, unless `watch` is
+  one that is already installed, e.g. `TrainingRun.watch`)."""
 
-  def __init__(self, train_cfg: Any, manager: Any, start: int):
+  def __init__(self, train_cfg: Any, manager: Any, start: int,
+               watch: Optional[PreemptionWatch] = None):
     self.total, self.start = train_cfg.num_steps, start
     self.log_every, self.checkpoint_every = train_cfg.log_every, train_cfg.checkpoint_every
     self.manager = manager
-    self.watch = PreemptionWatch()
+    self.watch = watch if watch is not None else PreemptionWatch()
     self._saving: Optional[int] = None  # the step whose asynchronous save may be running
     self.monitor = NonFiniteMonitor(manager, skip=train_cfg.get("skip_nonfinite", False))
     self.progress = Progress(self.total, start, every=self.log_every)
@@ -176,10 +177,9 @@ class TrainLoop:
 
 
 def save_config(config: Any, workdir: str) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+  """WORKDIR/config.json of a new run (the trainers use `workdir.record_config`)."""
+  from dq.train.workdir import record_config
+  record_config(config, workdir, 0)
 
 
 def check_batch_size(batch_size: int, mesh, field: str) -> int:

@@ -29,11 +29,12 @@ from dq.stage2.build import build_transformer
 from dq.stage2.tokens import TokenLayout, unpack_tokens_jax
 from dq.train import checkpoint as ckpt
 from dq.train import throughput
-from dq.train.loop import TrainLoop, check_batch_size, guard_nonfinite, save_config
+from dq.train.loop import TrainLoop, check_batch_size, guard_nonfinite
 from dq.train.progress import Progress
 from dq.train.state import abstract_with_shardings, sharded_init
 from dq.train.transformer_step import (PACKED_KEYS, TransformerState, make_init_fn,
                                        make_transformer_optimizer, make_update_fn)
+from dq.train.workdir import TrainingRun
 from dq.train.writers import create_writer
 
 NUM_GRAINS = 2  # the token layout is dual grain
@@ -267,22 +268,29 @@ def setup(config: Any, workdir: str):
               state=state, state_shardings=state_shardings, tokens=tokens, manager=manager)
 
 
-def train_and_evaluate(config: Any, workdir: str) -> TransformerState:
+def train_and_evaluate(config: Any, workdir: str) -> Optional[TransformerState]:
   """Trains the DQ-Transformer for `config.train.num_steps` with logs, sample grids and
-  checkpoints; returns the final state."""
-  save_config(config, workdir)
-  env = setup(config, workdir)
-  layout, mesh, state, tokens, manager = (env["layout"], env["mesh"], env["state"],
-                                          env["tokens"], env["manager"])
-  update_fn = make_update_fn(env["model"], env["tx"], env["schedule"], layout=layout,
-                             label_dropout=config.label_dropout,
-                             class_conditional=config.class_conditional,
-                             microbatches=config.train.get("microbatches", 1),
-                             activation_sharding=sh.batch_sharding(mesh))
-  train_step = jax.jit(guard_nonfinite(update_fn),
-                       in_shardings=(env["state_shardings"], sh.batch_sharding(mesh)),
-                       out_shardings=(env["state_shardings"], sh.replicated(mesh)),
-                       donate_argnums=0)
+  checkpoints; returns the final state (None when a stop signal ended the setup)."""
+  with TrainingRun(config, workdir) as run:
+    with run.phase("setup", skipped="nothing was trained or saved"):
+      env = setup(config, workdir)
+      run.record_config(int(jax.device_get(env["state"].step)))
+      env["train_step"] = jax.jit(
+          guard_nonfinite(make_update_fn(
+              env["model"], env["tx"], env["schedule"], layout=env["layout"],
+              label_dropout=config.label_dropout, class_conditional=config.class_conditional,
+              microbatches=config.train.get("microbatches", 1),
+              activation_sharding=sh.batch_sharding(env["mesh"]))),
+          in_shardings=(env["state_shardings"], sh.batch_sharding(env["mesh"])),
+          out_shardings=(env["state_shardings"], sh.replicated(env["mesh"])), donate_argnums=0)
+    return _train(config, workdir, run, env)
+  return None
+
+
+def _train(config: Any, workdir: str, run: TrainingRun, env: dict) -> TransformerState:
+  layout, mesh, state, tokens, manager, train_step = (
+      env["layout"], env["mesh"], env["state"], env["tokens"], env["manager"],
+      env["train_step"])
   writer = create_writer(workdir, tensorboard=config.train.get("tensorboard", True))
   sample_every = config.train.get("sample_every", 0)
   generate = decode_partial = None
@@ -301,7 +309,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TransformerState:
   step_flops = (throughput.model_flops_per_token(env["model"], layout.max_len - 1)
                 * config.train.batch_size * (layout.max_len - 1))
   token_count = jnp.zeros((), jnp.float32)
-  with TrainLoop(config.train, manager, start) as loop:
+  with TrainLoop(config.train, manager, start, watch=run.watch) as loop:
     for step in loop.steps():
       batch = tokens.next(step)
       state, metrics = train_step(state, batch)

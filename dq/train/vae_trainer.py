@@ -22,10 +22,10 @@ from dq.train import checkpoint as ckpt
 from dq.train import throughput
 from dq.train.optim import make_optimizer
 from dq.train.router_control import needs_entropy_thresholds
-from dq.train.loop import (TrainLoop, check_batch_size, guard_nonfinite, save_config,
-                           warn_codebook_collapse)
+from dq.train.loop import TrainLoop, check_batch_size, guard_nonfinite, warn_codebook_collapse
 from dq.train.state import TrainState, abstract_with_shardings, sharded_init
 from dq.train.vae_step import make_reconstruct_fn, make_update_fn
+from dq.train.workdir import TrainingRun
 from dq.train.writers import create_writer
 
 
@@ -167,11 +167,15 @@ def setup(config: Any, workdir: str):
   return mesh, model, tx, schedule, state, state_shardings, train_iter, manager
 
 
-def train_and_evaluate(config: Any, workdir: str) -> TrainState:
-  """Trains stage 1 for `config.train.num_steps`, with summaries, checkpoints and evaluation."""
-  save_config(config, workdir)
-  perceptual, frozen = make_perceptual(config)  # fails early when LPIPS weights are missing
-  mesh, model, tx, schedule, state, state_shardings, train_iter, manager = setup(config, workdir)
+def train_and_evaluate(config: Any, workdir: str) -> TrainState | None:
+  """Trains stage 1 for `config.train.num_steps`, with summaries, checkpoints and evaluation.
+  Returns the final state, or None when a stop signal ended setup or the final evaluation."""
+  with TrainingRun(config, workdir) as run:
+    return _train(config, workdir, run)
+  return None
+
+
+def _make_train_step(config, workdir, mesh, model, tx, schedule, state_shardings, perceptual):
   discriminator, disc_tx = make_discriminator(config)
   update_fn = make_update_fn(model, tx, schedule, loss_cfg=config.loss,
                              router_cfg=config.model.router, num_grains=config.model.num_grains,
@@ -181,21 +185,31 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
                              teacher_thresholds=resolve_entropy_thresholds(config, workdir)
                              if needs_entropy_thresholds(config.model.router) else ())
   repl = sh.replicated(mesh)
-  train_step = jax.jit(guard_nonfinite(update_fn),
-                       in_shardings=(state_shardings, sh.batch_sharding(mesh), repl),
-                       out_shardings=(state_shardings, repl), donate_argnums=0)
-  frozen = jax.device_put(frozen, repl)
-  writer = create_writer(workdir, tensorboard=config.train.get("tensorboard", True))
-  summary_images = _summary_batch(config, mesh)
-  reconstruct = jax.jit(make_reconstruct_fn(model))
+  return jax.jit(guard_nonfinite(update_fn),
+                 in_shardings=(state_shardings, sh.batch_sharding(mesh), repl),
+                 out_shardings=(state_shardings, repl), donate_argnums=0)
 
-  start = int(jax.device_get(state.step))
+
+def _train(config: Any, workdir: str, run: TrainingRun) -> TrainState:
+  with run.phase("setup", skipped="nothing was trained or saved"):
+    perceptual, frozen = make_perceptual(config)  # fails early when LPIPS weights are missing
+    mesh, model, tx, schedule, state, state_shardings, train_iter, manager = setup(config,
+                                                                                   workdir)
+    start = int(jax.device_get(state.step))
+    run.record_config(start)
+    train_step = _make_train_step(config, workdir, mesh, model, tx, schedule, state_shardings,
+                                  perceptual)
+    frozen = jax.device_put(frozen, sh.replicated(mesh))
+    writer = create_writer(workdir, tensorboard=config.train.get("tensorboard", True))
+    summary_images = _summary_batch(config, mesh)
+    reconstruct = jax.jit(make_reconstruct_fn(model))
+
   total = config.train.num_steps
   logging.info("Training from step %d to %d (batch %d on %d devices)", start, total,
                config.train.batch_size, jax.device_count())
   step_flops = None  # XLA's count of one step, measured once when the device peak is known
   collapse_warned = False
-  with TrainLoop(config.train, manager, start) as loop:
+  with TrainLoop(config.train, manager, start, watch=run.watch) as loop:
     for step in loop.steps():
       batch = next(train_iter)
       device_batch = sh.shard_batch({"image": batch["image"]}, mesh)
@@ -218,12 +232,16 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainState:
       if loop.save_due(step):
         loop.save(step, state, train_iter)
   loop.finish()
+  writer.flush()
   if loop.preempted:
-    writer.flush()
     return state
 
   if config.eval.at_end:
-    run_evaluation(config, workdir, model, state, mesh, writer)
+    step = int(jax.device_get(state.step))
+    with run.phase("the final evaluation", skipped=f"the final evaluation was skipped (the "
+                   f"checkpoint of step {step} is saved; rerunning the same command evaluates "
+                   "it)"):
+      run_evaluation(config, workdir, model, state, mesh, writer)
   writer.flush()
   return state
 
