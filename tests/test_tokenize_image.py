@@ -83,6 +83,27 @@ def test_cli_writes_overlay_reconstruction_and_count(tiny_checkpoint, tmp_path, 
     assert grid.shape == (32 * scale, (4 * 34 - 2) * scale, 3)
 
 
+def test_same_file_names_in_other_folders_get_distinct_outputs(tiny_checkpoint, tmp_path,
+                                                              capsys):
+  rng = np.random.default_rng(1)
+  paths = [str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.jpg"),
+           str(tmp_path / "c" / "x.png")]
+  for path in paths:
+    os.makedirs(os.path.dirname(path))
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+  out_dir = tmp_path / "out"
+  assert tool.main([*paths, "--checkpoint", tiny_checkpoint, "--out", str(out_dir)]) == 0
+  printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  stems = [os.path.basename(p["files"]["tokens"])[:-len("_tokens.json")] for p in printed]
+  assert stems == ["a_x_png", "x_jpg", "c_x_png"]
+  for path, summary in zip(paths, printed):  # each file was written once, for its own image
+    with open(summary["files"]["tokens"]) as f:
+      assert json.load(f)["image"] == path
+  assert len(os.listdir(out_dir)) == 3 * 4
+  assert tool.output_stems(["one.png"]) == ["one"]
+  assert tool.output_stems(["d/y.png", "d/y.png"]) == ["y", "y_2"]
+
+
 def test_cli_errors(tiny_checkpoint, tmp_path, capsys):
   bad = tmp_path / "notes.png"
   bad.write_text("not an image")

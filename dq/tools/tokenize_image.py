@@ -11,6 +11,8 @@ is read (`dq.data.decode`), centre-cropped to a square and resized to the model'
 - STEM_reconstruction.png: the DQ-VAE reconstruction;
 - STEM_grid.png: input | reconstruction | |error| | grain map;
 - STEM_tokens.json: token count and grain statistics (also printed, one JSON line per image).
+STEM is the file name without its extension; images whose names would collide (a/x.png and
+b/x.jpg) get distinct stems (`output_stems`: the extension, then parent folders, are added).
 PNGs are magnified (nearest neighbour) by `--scale`, default the smallest integer that makes
 them at least 256 px wide.
 """
@@ -57,8 +59,33 @@ def _magnify(image: np.ndarray, scale: int) -> np.ndarray:
   return np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
 
 
+def output_stems(paths: Sequence[str]) -> list[str]:
+  """Distinct output stems of `paths`: the file name without extension, and for names that
+  collide, with the extension (x_png, x_jpg), then the parent folders (a_x_png) added; a file
+  given twice gets a number (x_2)."""
+  files = list(dict.fromkeys(os.path.abspath(p) for p in paths))
+
+  def stem_of(path: str, depth: int) -> str:
+    parts = [p for p in os.path.normpath(path).split(os.sep) if p]
+    name, ext = os.path.splitext(parts[-1])
+    return "_".join(parts[max(0, len(parts) - 1 - depth):-1] + [name] +
+                    ([ext.lstrip(".")] if ext else []))
+
+  stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+  depth = 0
+  while len(set(stems)) < len(stems) and depth < 256:
+    stems = [stem_of(f, depth) if stems.count(s) > 1 else s for f, s in zip(files, stems)]
+    depth += 1
+  by_file, seen, out = dict(zip(files, stems)), {}, []
+  for path in paths:
+    stem = by_file[os.path.abspath(path)]
+    seen[stem] = seen.get(stem, 0) + 1
+    out.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+  return out
+
+
 def tokenize_image(path: str, stage1, out_dir: str, scale: Optional[int] = None,
-                   encode_fn=None, decode_fn=None) -> dict:
+                   encode_fn=None, decode_fn=None, stem: Optional[str] = None) -> dict:
   """Writes STEM_grain.png, STEM_reconstruction.png, STEM_grid.png, STEM_tokens.json.
 
   Args:
@@ -67,6 +94,7 @@ def tokenize_image(path: str, stage1, out_dir: str, scale: Optional[int] = None,
     out_dir: output folder (created).
     scale: PNG magnification; None: `default_scale(stage1.image_size)`.
     encode_fn, decode_fn: `make_encode_fn(stage1)` / `make_decode_fn(stage1)` to reuse.
+    stem: output file prefix; None: the image's file name without extension.
 
   Returns:
     the JSON summary (with the paths written).
@@ -90,7 +118,7 @@ def tokenize_image(path: str, stage1, out_dir: str, scale: Optional[int] = None,
   num_grains = int(stage1.model_cfg.num_grains)
   layout = stage1_lib.token_layout(stage1)
 
-  stem = os.path.splitext(os.path.basename(path))[0]
+  stem = stem or os.path.splitext(os.path.basename(path))[0]
   paths = {kind: os.path.join(out_dir, f"{stem}_{kind}.png")
            for kind in ("grain", "reconstruction", "grid")}
   big = _magnify(image, scale)
@@ -141,8 +169,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stage1 = stage1_lib.load_stage1(args.checkpoint)
     encode_fn, decode_fn = stage1_lib.make_encode_fn(stage1), stage1_lib.make_decode_fn(stage1)
     os.makedirs(args.out, exist_ok=True)
-    for path in args.images:
-      summary = tokenize_image(path, stage1, args.out, args.scale, encode_fn, decode_fn)
+    for path, stem in zip(args.images, output_stems(args.images)):
+      summary = tokenize_image(path, stage1, args.out, args.scale, encode_fn, decode_fn, stem)
       print(json.dumps(summary))
   except (FileNotFoundError, ValueError) as error:
     print(f"tokenize_image: error: {error}", file=sys.stderr)
