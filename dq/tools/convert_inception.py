@@ -115,8 +115,11 @@ def _verify_checksum(path: pathlib.Path, expected: str, what: str) -> None:
   actual = file_sha256(path)
   if not actual.startswith(expected):
     raise ValueError(f"{path}: SHA-256 {actual} does not match the known {what} "
-                     f"({expected}{'...' if len(expected) < 64 else ''}); pass --no-verify "
-                     "(verify=False) to convert a different file of the same layout")
+                     f"({expected}{'...' if len(expected) < 64 else ''}). To use another "
+                     "file of the same layout, convert it once without the check: python -m "
+                     f"dq.tools.convert_inception {path} OUT.npz --no-verify (in Python: "
+                     "verify=False), then point config.fid.inception_weights (or "
+                     "$DQ_INCEPTION_WEIGHTS) at OUT.npz")
 
 
 def convert_fid_helper_tree(tree: Any, source: str = "checkpoint") -> dict[str, np.ndarray]:
