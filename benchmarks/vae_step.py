@@ -8,11 +8,15 @@ ch_mult (1,1,2,2), attention at 32, Fourier+learned positions; loss L1 + codeboo
 
   python benchmarks/vae_step.py [--steps 10] [--batch 2] [--resolution 256]
   python benchmarks/vae_step.py --config=configs/ffhq_vae.py --batch 32   # a config's model
-Prints one JSON line (with peak device memory where the backend reports it).
+Prints one JSON line (with peak device memory where the backend reports it). The batch is
+split over the largest number of devices it divides (`bench_devices`; batch 2 on 8 devices
+runs on 2 of them).
 """
 import argparse
 import json
+import math
 import platform
+import sys
 import statistics
 import time
 
@@ -50,6 +54,12 @@ def load_config(spec: str):
   return module.get_config(arg or None)
 
 
+def bench_devices(batch: int, devices=None) -> list:
+  """The first gcd(batch, #devices) devices: the batch splits evenly over them."""
+  devices = list(jax.devices() if devices is None else devices)
+  return devices[:math.gcd(batch, len(devices))]
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=10)
@@ -69,7 +79,11 @@ def main():
     args.resolution = config.data.image_size
   else:
     config = bench_config(args.batch, args.resolution)
-  mesh = sh.make_mesh(config.mesh)
+  devices = bench_devices(args.batch)
+  if len(devices) < jax.device_count():
+    print(f"vae_step: batch {args.batch} on {len(devices)} of the {jax.device_count()} devices "
+          "(the batch must split evenly)", file=sys.stderr)
+  mesh = sh.make_mesh({"data": -1}, devices=devices)
   model = build_dqvae(config.model, entropy_thresholds=(
       (0.5,) * (config.model.num_grains - 1) if config.model.router.kind == "entropy" else ()))
   tx, schedule = make_optimizer(config.optim, config.train.num_steps)
@@ -120,7 +134,8 @@ def main():
       "loss": float(metrics["loss"]),
       "params": int(n_params),
       "device": jax.devices()[0].device_kind,
-      "num_devices": jax.device_count(),
+      "num_devices": len(devices),
+      "devices_available": jax.device_count(),
       "host": platform.machine(),
       "images_per_s": round(args.batch / statistics.median(times), 2),
       "peak_device_bytes": mem.get("peak_bytes_in_use"),

@@ -40,3 +40,26 @@ def test_compiled_flops_of_a_matmul():
   fn = jax.jit(lambda a, b: a @ b)
   flops = throughput.compiled_flops(fn, jnp.ones((8, 16)), jnp.ones((16, 4)))
   assert flops == 2 * 8 * 16 * 4  # XLA:CPU reports its cost analysis
+
+
+def test_vae_step_benchmark_splits_a_small_batch_over_fewer_devices():
+  """benchmarks/vae_step.py's default batch 2 on the 8 test devices: a batch that the devices
+  do not divide runs on gcd(batch, devices) of them instead of raising IndivisibleError."""
+  import importlib.util
+  import os
+
+  import pytest
+
+  from dq import sharding as sh
+  path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "vae_step.py")
+  spec = importlib.util.spec_from_file_location("vae_step_bench", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  assert jax.device_count() == 8
+  images = {"image": np.zeros((2, 4, 4, 3), np.float32)}
+  with pytest.raises(Exception, match="partitioned 8 times"):  # all 8 devices, batch 2
+    jax.block_until_ready(sh.shard_batch(images, sh.make_mesh({"data": -1})))
+  assert [len(bench.bench_devices(b)) for b in (2, 6, 8, 16, 3)] == [2, 2, 8, 8, 1]
+  mesh = sh.make_mesh({"data": -1}, devices=bench.bench_devices(2))
+  sharded = sh.shard_batch(images, mesh)["image"]
+  assert sharded.shape == (2, 4, 4, 3) and len(sharded.sharding.device_set) == 2
