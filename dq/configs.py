@@ -103,13 +103,14 @@ ROUTER_RECIPES = {
     # A detail teacher (the batch's regions with the most high-frequency energy) routes for
     # the first `warmup_steps` while the router learns to imitate it; then the router routes
     # by its own argmax (no Gumbel noise), keeps the imitation loss as a regulariser, has the
-    # budget on its expected ratio, and its losses do not reach the encoder.
+    # budget on the ratio it actually codes (the argmax gate), and its losses do not reach
+    # the encoder.
     "guided": {
         "model.router.norm": "group", "model.router.gate_gradient": "official",
         "model.router.train_gate": "argmax", "model.router.temperature_steps": 0,
         "model.router.warmup_steps": 300, "model.router.teacher": "detail",
         "model.router.distill_steps": -1, "model.router.detach_input": True,
-        "loss.budget_on": "expected", "loss.router_distill_weight": 1.0,
+        "loss.budget_on": "hard", "loss.router_distill_weight": 1.0,
         "loss.router_benefit_weight": 0.0, "optim.router_lr_mult": 1.0},
 }
 
