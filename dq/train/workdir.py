@@ -180,8 +180,7 @@ class TrainingRun:
     self._skipped = ""
 
   def __enter__(self) -> "TrainingRun":
-    if self.lock is not None:
-      self.lock.acquire()
+    self._acquire()
     try:
       allowed = check_resume(read_saved_config(self.workdir), self.config, self.workdir,
                              latest_checkpoint_folder(self.workdir))
@@ -204,6 +203,25 @@ class TrainingRun:
                       self._skipped or "nothing after it was run")
       return True
     return False
+
+  def _acquire(self) -> None:
+    """Process 0 takes the lock; with several processes all of them learn whether it did, so
+    that none goes on into collective setup alone."""
+    error = None
+    if self.lock is not None:
+      try:
+        self.lock.acquire()
+      except WorkdirLocked as e:
+        error, self.lock = e, None
+    if jax.process_count() > 1:
+      import numpy as np
+      from jax.experimental import multihost_utils
+      ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+      if not int(ok) and error is None:
+        error = WorkdirLocked(f"{self.workdir} is in use by another trainer (process 0 could "
+                              "not take its lock; see its log)")
+    if error is not None:
+      raise error
 
   def _release(self) -> None:
     if self.lock is not None:
