@@ -5,8 +5,18 @@ sample, encode (`--config.mode=sample`). FID jobs (`'fid'`): modes reference, st
 
 Parses flags, validates the config (`dq.validate`, before anything is built or compiled) and
 dispatches on `config.stage` and `config.mode`; nothing else.
+
+The console shows dq's own lines (devices, progress with ETA, metrics, checkpoints, results,
+warnings); library INFO chatter (orbax, absl, jax backend probing, TensorFlow) is hidden, and a
+known user error (a config file that is missing or does not parse, a config check, a locked or
+incompatible workdir, a failed checkpoint save, a missing file) ends in one readable line.
+`--verbose` shows both the library logs and the tracebacks.
 """
-from absl import app, flags, logging
+import logging
+import os
+import sys
+
+from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -17,18 +27,55 @@ flags.DEFINE_enum("distributed", "none", ["none", "auto"],
 flags.DEFINE_string("coordinator_address", None, "Explicit multi-process start: HOST:PORT.")
 flags.DEFINE_integer("num_processes", None, "Explicit multi-process start: process count.")
 flags.DEFINE_integer("process_id", None, "Explicit multi-process start: this process's id.")
+flags.DEFINE_bool("verbose", False, "Also show library INFO logs (orbax, absl, jax) and the "
+                  "traceback of known user errors.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+DQ_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class ConfigFileError(ValueError):
+  """The --config file is missing or does not load."""
+
+
+class QuietLibraries(logging.Filter):
+  """Passes dq's records and library warnings; drops library INFO, jax's backend probing and
+  orbax's records (dq reports the checkpoint failures it raises in one line)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.pathname.startswith(DQ_DIR):
+      return True
+    if "orbax" in record.pathname or record.name.startswith("jax._src.xla_bridge"):
+      return record.levelno >= logging.CRITICAL
+    return record.levelno >= logging.WARNING
+
+
+def quiet_libraries() -> None:
+  from dq.train.writers import QUIET_ENV
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ[QUIET_ENV] = "1"
+  quiet = QuietLibraries()
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(quiet)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.verbose:
+    quiet_libraries()
+  config = FLAGS.config
+  try:
+    stage = config.get("stage")
+  except OSError as e:  # config_flags defers a missing file's error to the first access
+    raise ConfigFileError(f"--config={config_flags.get_config_filename(FLAGS['config'])}: "
+                          "no such config file") from e
+  del stage
   from dq import distributed, validate
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)
-  validate.validate_config(FLAGS.config)
+  validate.validate_config(config)
   import jax
-  config = FLAGS.config
   if config.get("matmul_precision"):
     jax.config.update("jax_default_matmul_precision", config.matmul_precision)
   logging.info("JAX %s, %d devices (%s), process %d/%d", jax.__version__, jax.device_count(),
@@ -51,5 +98,39 @@ def main(argv):
   modes[config.mode](config, FLAGS.workdir)
 
 
+def user_error_message(error: BaseException) -> str | None:
+  """The message of a known user error (no traceback needed), else None."""
+  from dq.train import checkpoint
+  from dq.train.workdir import WorkdirLocked
+  from dq.validate import ConfigError
+  known = (ConfigError, ConfigFileError, FileNotFoundError, WorkdirLocked,
+           checkpoint.CheckpointSaveError, checkpoint.CheckpointMismatch,
+           checkpoint.DataStateMissing, checkpoint.CheckpointsUnreadable)
+  if isinstance(error, SyntaxError) and error.filename and error.filename.endswith(".py") \
+      and not os.path.abspath(error.filename).startswith(DQ_DIR):
+    line = (error.text or "").strip()
+    return (f"the config file {error.filename} does not parse: line {error.lineno}: "
+            f"{error.msg}{f': {line}' if line else ''}")
+  if isinstance(error, known) or (isinstance(error, ValueError)
+                                  and str(error).startswith("config.")):
+    return str(error)
+  return None
+
+
+def run(argv: list[str] | None = None) -> None:
+  """app.run(main), with known user errors ending in one line (exit 1) unless --verbose."""
+  argv = list(sys.argv if argv is None else argv)
+  verbose = any(arg in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1")
+                for arg in argv[1:])
+  try:
+    app.run(main, argv=argv)
+  except Exception as e:  # pylint: disable=broad-except
+    message = None if verbose else user_error_message(e)
+    if message is None:
+      raise
+    print(f"dq.main: error: {message} (--verbose shows the traceback)", file=sys.stderr)
+    sys.exit(1)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -53,6 +53,10 @@ class DataStateMissing(FileNotFoundError):
   """A checkpoint has no data-iterator state (see `train.allow_data_restart`)."""
 
 
+class CheckpointsUnreadable(RuntimeError):
+  """There are checkpoints, but none of them can be restored."""
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any | None,
          counters: dict[str, int] | None = None) -> None:
   """Saves (asynchronously when the manager is); a failure that shows at once raises
@@ -84,6 +88,7 @@ def check_pending_save(manager: ocp.CheckpointManager, step: Optional[int],
     raise _save_error(manager, step, e) from e
   if step not in manager.all_steps():
     raise _save_error(manager, step, RuntimeError("the save did not complete (see the log)"))
+  logging.info("Saved checkpoint %d in %s", step, manager.directory)
   return None
 
 
@@ -148,7 +153,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Callable[[], 
   (CheckpointMismatch) or lacks its data state (DataStateMissing) stops the search.
 
   Raises:
-    RuntimeError: there are checkpoints but none loads (nothing is moved).
+    CheckpointsUnreadable: there are checkpoints but none loads (nothing is moved).
   """
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
@@ -176,8 +181,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Callable[[], 
                     step, manager.directory, reason)
     damaged.append((step, reason))
   listing = "; ".join(f"{step}: {reason}" for step, reason in damaged)
-  raise RuntimeError(f"no checkpoint in {manager.directory} can be restored ({listing}); "
-                     "nothing was moved or deleted. Repair or move them away to start over")
+  raise CheckpointsUnreadable(f"no checkpoint in {manager.directory} can be restored "
+                              f"({listing}); nothing was moved or deleted. Repair or move them "
+                              "away to start over")
 
 
 def damage_reason(directory: str, step: int) -> Optional[str]:

@@ -91,6 +91,7 @@ class TrainLoop:
     self.manager = manager
     self.watch = watch if watch is not None else PreemptionWatch()
     self._saving: Optional[int] = None  # the step whose asynchronous save may be running
+    self._first_step_start = time.perf_counter()
     self.monitor = NonFiniteMonitor(manager, skip=train_cfg.get("skip_nonfinite", False))
     self.progress = Progress(self.total, start, every=self.log_every)
     self.preempted = False
@@ -110,6 +111,9 @@ class TrainLoop:
 
   def steps(self):
     for step in range(self.start + 1, self.total + 1):
+      if step == self.start + 1:
+        logging.info("Compiling the train step...")
+        self._first_step_start = time.perf_counter()
       yield step
       if self.preempted:
         return
@@ -118,6 +122,10 @@ class TrainLoop:
     """After dispatching `step`; `skipped_records` is its batch's count (see make_dataset).
     Raises CheckpointSaveError when the previous save has failed."""
     self._saving = ckpt.check_pending_save(self.manager, self._saving)
+    if step == self.start + 1:
+      jax.block_until_ready(metrics)
+      logging.info("Train step compiled and run once in %.1f s",
+                   time.perf_counter() - self._first_step_start)
     self.monitor.push(step, metrics)
     self.skipped_records += int(skipped_records)
     self.progress(step)

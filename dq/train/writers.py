@@ -1,14 +1,17 @@
-"""Metric writers: clu's (TensorBoard + console) when TensorFlow is present, else a fallback.
+"""Metric writers: TensorBoard (clu's SummaryWriter) when TensorFlow is present, the console
+(one line of scalars per log step) and metrics.jsonl.
 
 Every writer also appends scalars to `metrics.jsonl` in the workdir, which tests and
 benchmarks read. Only process 0 writes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from typing import Any, Mapping
+import sys
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -91,11 +94,31 @@ def create_writer(workdir: str, tensorboard: bool = True):
   writers: list = [JsonlWriter(workdir)]
   if tensorboard:
     try:
-      from clu import metric_writers  # Imports TensorFlow.
-      writers.append(metric_writers.create_default_writer(
-          os.path.join(workdir, "tensorboard"), just_logging=False, asynchronous=False))
-      return MultiWriter(writers)
+      with _quiet_native_stderr(os.environ.get(QUIET_ENV) == "1"):
+        from clu import metric_writers  # Imports TensorFlow.
+      writers.append(metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")))
     except ImportError as e:
       logging.warning("clu metric writers unavailable (%s): console + metrics.jsonl only.", e)
   writers.append(ConsoleWriter())
   return MultiWriter(writers)
+
+
+QUIET_ENV = "DQ_QUIET_LIBRARIES"  # "1" (set by dq.main without --verbose): hide import chatter
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr(enabled: bool) -> Iterator[None]:
+  """Sends file descriptor 2 to /dev/null while enabled: TensorFlow's C++ start-up lines
+  (oneDNN, CPU features) ignore TF_CPP_MIN_LOG_LEVEL; Python errors still propagate."""
+  if not enabled:
+    yield
+    return
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
