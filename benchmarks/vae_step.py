@@ -122,10 +122,15 @@ def main():
     state, metrics = step(state, batch, frozen)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
+  print(json.dumps(result_row(args, config, state, metrics, times, compile_s, devices)))
+
+
+def result_row(args, config, state, metrics, times, compile_s, devices) -> dict:
+  """The benchmark's JSON line."""
   n_params = sum(p.size for p in jax.tree.leaves(state.params))
   mem = jax.devices()[0].memory_stats() or {}
   m = config.model
-  print(json.dumps({
+  return {
       "benchmark": "vae_step",
       "median_step_s": round(statistics.median(times), 4),
       "min_step_s": round(min(times), 4),
@@ -150,7 +155,7 @@ def main():
                          else "l1+codebook+budget",
                  "optimizer": config.optim.name,
                  "matmul_precision": args.precision or "default"},
-  }))
+  }
 
 
 if __name__ == "__main__":
