@@ -72,6 +72,11 @@ def test_stage1_command_on_a_stage2_workdir_is_refused(tmp_path, monkeypatch):
     vae_trainer.train_and_evaluate(tiny_config(2), str(workdir))
   assert len(str(error.value).splitlines()) == 3  # the header, one field, the advice
   assert (workdir / "config.json").read_text() == saved
+  (workdir / "config.json").write_text('{"stage": "va')  # cut short
+  from dq.validate import ConfigError
+  with pytest.raises(ConfigError, match="config.json is not a readable config"):
+    vae_trainer.train_and_evaluate(tiny_config(2), str(workdir))
+  assert (workdir / "config.json").read_text() == '{"stage": "va'
 
 
 def test_allowed_changes_resume_and_the_old_config_is_kept(vae_run_4_steps, tmp_path,

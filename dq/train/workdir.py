@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 import jax
 
 from dq.train.preemption import PreemptionWatch, StopRequested
-from dq.validate.checker import WORKDIR_CONFIG
+from dq.validate.checker import WORKDIR_CONFIG, ConfigError
 from dq.validate.resume import check_resume
 
 LOCK_FILE = "run.lock"
@@ -124,11 +124,18 @@ class WorkdirLock:
 
 
 def read_saved_config(workdir: str) -> Optional[dict]:
+  """The run's config.json, None when there is none; ConfigError when it is not JSON."""
   path = os.path.join(workdir, WORKDIR_CONFIG)
   if not os.path.isfile(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except ValueError as e:
+    raise ConfigError([f"{path} is not a readable config ({e}): the run in {workdir} cannot be "
+                       "checked against this config; restore that file (an earlier version may "
+                       "be kept as config.<step>.json) or use another --workdir"]) from e
+  return saved if isinstance(saved, dict) else {}
 
 
 def latest_checkpoint_folder(workdir: str) -> Optional[int]:
