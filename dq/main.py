@@ -14,6 +14,7 @@ incompatible workdir, a failed checkpoint save, a missing file) ends in one read
 """
 import logging
 import os
+import signal
 import sys
 
 from absl import app, flags
@@ -71,9 +72,25 @@ def main(argv):
     raise ConfigFileError(f"--config={config_flags.get_config_filename(FLAGS['config'])}: "
                           "no such config file") from e
   del stage
-  from dq import distributed, validate
+  from dq import distributed
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)
+  from dq.train.preemption import PreemptionWatch, StopRequested
+  # A stop signal before the trainer takes over (imports, checks, start-up) or during a mode
+  # without a train loop (eval, sample, encode, FID) ends the run here with a line, exit 0;
+  # training installs its own handling (dq.train.workdir.TrainingRun).
+  watch = PreemptionWatch()
+  try:
+    with watch, watch.phase(f"the {config.get('stage')} {config.get('mode')} job"):
+      dispatch(config)
+  except StopRequested as e:
+    logging.warning("Stopped by %s during %s: it did not finish and nothing after it was run. "
+                    "Rerun the same command to do it.", signal.Signals(e.signum).name, e.phase)
+
+
+def dispatch(config) -> None:
+  """Validates `config`, then runs its stage's mode on --workdir."""
+  from dq import validate
   validate.validate_config(config)
   import jax
   if config.get("matmul_precision"):

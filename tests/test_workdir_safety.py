@@ -173,3 +173,26 @@ def test_sigterm_during_final_eval_skips_it_and_the_rerun_evaluates(vae_run_4_st
   monkeypatch.setattr(vae_eval, "evaluate_vae", original)
   assert int(vae_trainer.train_and_evaluate(config, workdir).step) == 4
   assert os.listdir(os.path.join(workdir, "eval"))
+
+
+STOP_IN_CHECKS = r"""
+import os, signal
+from dq import validate
+def validate_then_stop(config):
+  os.kill(os.getpid(), signal.SIGTERM)
+validate.validate_config = validate_then_stop
+from dq import main
+main.run()
+"""
+
+
+def test_sigterm_before_the_trainer_takes_over_exits_0(tmp_path):
+  """A real process stopped while dq.main checks the config (before any trainer code)."""
+  from cli_util import subprocess_env, tiny_vae_flags
+  result = subprocess.run([sys.executable, "-c", STOP_IN_CHECKS,
+                           f"--workdir={tmp_path / 'wd'}", *tiny_vae_flags(2, 1)], cwd=REPO,
+                          env=subprocess_env(1, str(tmp_path / "cache")), capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "Stopped by SIGTERM during the vae train job: it did not finish" in result.stderr
+  assert not os.path.exists(tmp_path / "wd" / "checkpoints")
