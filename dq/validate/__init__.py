@@ -26,7 +26,10 @@ Where the rules live:
   train loop, data, sample labels, sampling);
 - `stage1`: DQ-VAE rules (`VAE_RULES`);
 - `stage2`: DQ-Transformer rules (`TRANSFORMER_RULES`), `read_stage1_model_config`;
-- `fid`: FID-job rules (`FID_RULES`).
+- `fid`: FID-job rules (`FID_RULES`);
+- `resume`: the fields a training run may not change when it resumes in its workdir
+  (`RESUME_FIXED`, checked by `dq.train.workdir.TrainingRun`, not by `validate_config`: the
+  workdir is not part of the config).
 """
 from __future__ import annotations
 
