@@ -208,6 +208,7 @@ def vae_paper_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   if not arg.entropy:
     apply_router_recipe(config, "paper" if arg.get("paper_router") else "guided",
                         warmup_steps=PAPER_ROUTER_WARMUP)
+  if arg.triple:
     config.model.num_grains = 3
     config.model.ch_mult = (1, 1, 2, 2, 4, 4)
     config.model.attn_resolutions = (8, 16)

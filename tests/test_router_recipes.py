@@ -31,16 +31,17 @@ def test_recipes_set_the_same_fields_and_paper_is_the_base_default():
   assert paper["loss.budget_on"] == "hard" and paper["model.router.warmup_steps"] == 0
 
 
-@pytest.mark.parametrize("name,arg,recipe,warmup", [
-    ("demo_vae.py", None, "guided", 300),
-    ("demo_vae.py", "paper_router", "paper", 0),
-    ("ffhq_vae.py", None, "guided", 5000),
-    ("ffhq_vae.py", "paper_router,tiny", "paper", 0),
-    ("imagenet_vae.py", "triple,tiny", "guided", 5000),
-    ("imagenet_vae.py", "paper_router", "paper", 0)])
-def test_feature_router_configs_use_their_recipe(name, arg, recipe, warmup):
+@pytest.mark.parametrize("name,arg,recipe,warmup,grains", [
+    ("demo_vae.py", None, "guided", 300, 2),
+    ("demo_vae.py", "paper_router", "paper", 0, 2),
+    ("ffhq_vae.py", None, "guided", 5000, 2),
+    ("ffhq_vae.py", "paper_router,tiny", "paper", 0, 2),
+    ("imagenet_vae.py", "triple,tiny", "guided", 5000, 3),
+    ("imagenet_vae.py", "paper_router", "paper", 0, 2)])
+def test_feature_router_configs_use_their_recipe(name, arg, recipe, warmup, grains):
   config = load_config(name, arg)
   assert config.model.router.kind == "feature"
+  assert config.model.num_grains == grains  # the recipe leaves the other args alone
   assert config.model.router.warmup_steps == warmup
   overrides = dict(ROUTER_RECIPES[recipe], **{"model.router.warmup_steps": warmup})
   for key, value in overrides.items():
