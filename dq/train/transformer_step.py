@@ -82,6 +82,17 @@ def _term_masks(packed: dict) -> dict[str, jax.Array]:
           "fine": keep & (next_segment == 1)}
 
 
+def _check_step_args(layout: TokenLayout, label_dropout: float, class_conditional: bool,
+                     microbatches: int) -> None:
+  if class_conditional != (layout.num_classes > 0):
+    raise ValueError(f"class_conditional={class_conditional} but the token layout has "
+                     f"num_classes={layout.num_classes}")
+  if not 0.0 <= label_dropout <= 1.0:
+    raise ValueError(f"config.label_dropout must lie in [0, 1]; got {label_dropout}")
+  if microbatches < 1:
+    raise ValueError(f"config.train.microbatches must be >= 1; got {microbatches}")
+
+
 def make_update_fn(model: StackedTransformer, tx: optax.GradientTransformation,
                    schedule: optax.Schedule, *, layout: TokenLayout, label_dropout: float,
                    class_conditional: bool, microbatches: int = 1,
@@ -98,13 +109,7 @@ def make_update_fn(model: StackedTransformer, tx: optax.GradientTransformation,
   constraint, e.g. unjitted) pins the batch axis of the [B, T, V] and [B, T, P] logits to the
   data x fsdp split, leaving their other axes to XLA.
   """
-  if class_conditional != (layout.num_classes > 0):
-    raise ValueError(f"class_conditional={class_conditional} but the token layout has "
-                     f"num_classes={layout.num_classes}")
-  if not 0.0 <= label_dropout <= 1.0:
-    raise ValueError(f"config.label_dropout must lie in [0, 1]; got {label_dropout}")
-  if microbatches < 1:
-    raise ValueError(f"config.train.microbatches must be >= 1; got {microbatches}")
+  _check_step_args(layout, label_dropout, class_conditional, microbatches)
   drop_labels = class_conditional and label_dropout > 0
 
   def slice_loss(params, packed, counts, rng):

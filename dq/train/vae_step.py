@@ -6,6 +6,7 @@ inputs, not state (the LPIPS weights), so they are not baked into the compiled s
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -34,6 +35,29 @@ def _get(tree, path):
   for key in path:
     tree = tree[key]
   return tree
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepSpec:
+  """What `make_update_fn` fixes at build time; the step pieces below read it."""
+  model: Any
+  loss_cfg: Any
+  router_cfg: Any
+  num_grains: int
+  discriminator: Any
+  perceptual: Callable | None
+  activation_sharding: NamedSharding | None
+  teacher_thresholds: tuple
+  patch_size: int  # the coarsest factor (the entropy teacher's patch)
+  use_gan: bool
+  use_benefit: bool
+
+  @property
+  def disc_kind(self) -> str:
+    return self.loss_cfg.get("disc_loss", "hinge")
+
+  def constrain(self, y: jax.Array) -> jax.Array:
+    return sh.constrain_batch(y, self.activation_sharding)
 
 
 def make_update_fn(model, tx: optax.GradientTransformation, schedule, *, loss_cfg: Any,
@@ -68,157 +92,207 @@ def make_update_fn(model, tx: optax.GradientTransformation, schedule, *, loss_cf
     BatchNorm statistics are taken per slice (train mode) and its running statistics are
     chained through the slices (2 * microbatches updates per step instead of 2).
   """
-  use_gan = discriminator is not None and loss_cfg.get("disc_weight", 0.0) > 0
-  disc_kind = loss_cfg.get("disc_loss", "hinge")
   if microbatches < 1:
     raise ValueError(f"config.train.microbatches must be >= 1; got {microbatches}")
-  constrain = lambda y: sh.constrain_batch(y, activation_sharding)
-  patch_size = 2 ** (len(model.ch_mult) - 1)  # the coarsest factor (entropy teacher's patch)
   use_benefit = router_cfg.kind == "feature" and loss_cfg.get("router_benefit_weight", 0.0) > 0
   if use_benefit and num_grains != 2:
     raise ValueError("config.loss.router_benefit_weight > 0 needs a dual-grain model (the "
                      f"benefit compares the two grains); got num_grains={num_grains}")
-
-  def disc_logits(disc_params, batch_stats, images):
-    logits, new = discriminator.apply({"params": disc_params, "batch_stats": batch_stats},
-                                      images, train=True, mutable=["batch_stats"])
-    return logits, new["batch_stats"]
+  spec = _StepSpec(
+      model=model, loss_cfg=loss_cfg, router_cfg=router_cfg, num_grains=num_grains,
+      discriminator=discriminator, perceptual=perceptual,
+      activation_sharding=activation_sharding, teacher_thresholds=teacher_thresholds,
+      patch_size=2 ** (len(model.ch_mult) - 1),
+      use_gan=discriminator is not None and loss_cfg.get("disc_weight", 0.0) > 0,
+      use_benefit=use_benefit)
 
   def update_fn(state: TrainState, batch: dict, frozen: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     gumbel_rng, codebook_rng, dropout_rng = jax.random.split(rng, 3)
-    x = constrain(batch["image"])  # [B, H, W, 3]
-    percept = None if perceptual is None else (lambda a, b: perceptual(frozen, a, b))
-    disc_factor = gan.adopt_weight(state.step, loss_cfg.get("disc_start", 0))
-
-    def loss_fn(params, x, rngs, update_codebook: bool, scale: float):
-      """Generator loss * scale on images x [b, H, W, 3]; aux: (unscaled loss, terms, outputs,
-      new codebook or None, extra metrics, quantizer-input latents or None)."""
-      extra = {}
-      mutable = ["codebook", "intermediates"] if update_codebook else ["intermediates"]
-      capture_latents = False if update_codebook else (
-          lambda module, method: module.name == "quant_conv" and method == "__call__")
-      steer, teacher, teacher_weight = router_steering(router_cfg, state.step, x,
-                                                       teacher_thresholds, patch_size, num_grains)
-      outputs, new_vars = model.apply(
-          {"params": params, "codebook": state.codebook}, x, train=True, mutable=mutable,
-          rngs=rngs, capture_intermediates=capture_latents, **steer)
-      outputs = {**outputs, "xrec": constrain(outputs["xrec"])}  # [b, H, W, 3]
-      loss, terms = vae_loss(x, outputs, loss_cfg=loss_cfg, router_cfg=router_cfg,
-                             num_grains=num_grains, perceptual=percept, teacher_gate=teacher,
-                             teacher_weight=teacher_weight)
-      if use_benefit:
-        loss, terms = _add_benefit_loss(params, x, rngs, outputs, steer, loss, terms)
-      if "temperature" in steer:
-        extra["gumbel_temperature"] = steer["temperature"]
-        extra.update(router_margin_metrics(outputs["gate_logits"]))
-      if use_gan:
-        xrec = outputs["xrec"]
-        logits_fake, _ = disc_logits(state.disc_params, state.disc_batch_stats, xrec)
-        terms["generator"] = gan.generator_loss(logits_fake, disc_kind)
-        # Adaptive weight: gradient norms of nll and generator loss at the last layer.
-        h = jax.lax.stop_gradient(
-            new_vars["intermediates"]["decoder"]["last_layer_input"][0])
-        kernel = jax.lax.stop_gradient(_get(params, DECODER_LAST_LAYER[:-1])["kernel"])
-        y = jax.lax.stop_gradient(xrec)
-        dy_nll = jax.grad(lambda y: reconstruction_loss(x, y, loss_cfg, percept)[0])(y)
-        dy_g = jax.grad(lambda y: gan.generator_loss(
-            disc_logits(state.disc_params, state.disc_batch_stats, y)[0], disc_kind))(y)
-        d_weight = gan.adaptive_weight(last_layer_grad(h, kernel, dy_nll),
-                                       last_layer_grad(h, kernel, dy_g),
-                                       loss_cfg.get("adaptive_weight_max", 1e4))
-        d_weight = d_weight * loss_cfg.disc_weight * disc_factor
-        loss = loss + d_weight * terms["generator"]
-        extra["adaptive_weight"] = d_weight
-      latents = None
-      if not update_codebook:  # [b, hf, wf, D], the quantizer's input
-        latents = jax.lax.stop_gradient(new_vars["intermediates"]["quant_conv"]["__call__"][0])
-      return loss * scale, (loss, terms, outputs, new_vars.get("codebook"), extra, latents)
-
-    def _add_benefit_loss(params, x, rngs, outputs, steer, loss, terms):
-      """The router's cross-entropy against the measured benefit of fine coding: one more
-      forward pass (no gradient, no EMA update) with every region at the other grain."""
-      gate = jax.lax.stop_gradient(outputs["gate"])
-      flipped = model.apply(
-          {"params": jax.lax.stop_gradient(params), "codebook": state.codebook}, x, train=True,
-          rngs=rngs, route_gate=1.0 - gate, use_route_gate=True,
-          temperature=steer.get("temperature"))["xrec"]
-      target, _ = benefit_target(x, outputs["xrec"], jax.lax.stop_gradient(flipped),
-                                 outputs["grain"], router_cfg.fine_ratio, patch_size)
-      terms = {**terms, "router_benefit": distill_loss(outputs["gate_logits"], target)}
-      return loss + loss_cfg.router_benefit_weight * terms["router_benefit"], terms
-
-    def d_loss_fn(disc_params, batch_stats, real, fake, scale: float):
-      logits_real, stats = disc_logits(disc_params, batch_stats, real)
-      logits_fake, stats = disc_logits(disc_params, stats, fake)
-      d_loss = gan.discriminator_loss(logits_real, logits_fake, disc_kind)
-      return disc_factor * d_loss * scale, (d_loss, stats, jnp.mean(logits_real),
-                                            jnp.mean(logits_fake))
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    d_grad_fn = jax.value_and_grad(d_loss_fn, has_aux=True)
-    rngs = {"gumbel": gumbel_rng, "codebook": codebook_rng, "dropout": dropout_rng}
+    x = spec.constrain(batch["image"])  # [B, H, W, 3]
+    losses = _StepLosses(spec, state, frozen)
     if microbatches == 1:
-      (_, (loss, terms, outputs, codebook, extra, _)), grads = grad_fn(
-          state.params, x, rngs, True, 1.0)
-      code_metrics = {k: outputs[k] for k in ("fine_ratio", "perplexity", "usage",
-                                              "dead_fraction")}
-      if use_gan:
-        fake = jax.lax.stop_gradient(outputs["xrec"])
-        (_, (d_loss, disc_stats, logits_real, logits_fake)), d_grads = d_grad_fn(
-            state.disc_params, state.disc_batch_stats, x, fake, 1.0)
+      rngs = {"gumbel": gumbel_rng, "codebook": codebook_rng, "dropout": dropout_rng}
+      result = _one_slice_grads(spec, losses, state, x, rngs)
     else:
-      slices = sh.split_microbatches(x, microbatches, activation_sharding)  # [M, B / M, H, W, 3]
-      zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-
-      def accumulate(carry, inputs):
-        index, piece = inputs
-        grads_sum, d_grads_sum, disc_stats = carry
-        piece_rngs = {"gumbel": jax.random.fold_in(gumbel_rng, index),
-                      "dropout": jax.random.fold_in(dropout_rng, index)}
-        (_, (loss, terms, outputs, _, extra, latents)), grads = grad_fn(
-            state.params, piece, piece_rngs, False, 1.0 / microbatches)
-        per_slice = {"loss": loss, "terms": terms, "extra": extra,
-                     "fine_ratio": outputs["fine_ratio"]}
-        if use_gan:
-          fake = jax.lax.stop_gradient(outputs["xrec"])
-          (_, (d_loss, disc_stats, logits_real, logits_fake)), d_grads = d_grad_fn(
-              state.disc_params, disc_stats, piece, fake, 1.0 / microbatches)
-          d_grads_sum = jax.tree.map(jnp.add, d_grads_sum, d_grads)
-          per_slice["disc"] = (d_loss, logits_real, logits_fake)
-        carry = (jax.tree.map(jnp.add, grads_sum, grads), d_grads_sum, disc_stats)
-        return carry, (per_slice, latents)
-
-      carry = (zeros(state.params), zeros(state.disc_params), state.disc_batch_stats)
-      (grads, d_grads, disc_stats), (per_slice, latents) = jax.lax.scan(
-          accumulate, carry, (jnp.arange(microbatches), slices))
-      mean = lambda tree: jax.tree.map(lambda v: jnp.mean(v, axis=0), tree)
-      loss, terms, extra = mean((per_slice["loss"], per_slice["terms"], per_slice["extra"]))
-      if use_gan:
-        d_loss, logits_real, logits_fake = mean(per_slice["disc"])
-      codebook, code_metrics = _ema_update(model, state, sh.merge_microbatches(latents),
-                                           codebook_rng)
-      code_metrics["fine_ratio"] = jnp.mean(per_slice["fine_ratio"])
-
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}, **extra, **code_metrics}
-    metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["lr"] = schedule(state.step)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              codebook=codebook)
-    if use_gan:
-      d_updates, disc_opt_state = disc_tx.update(d_grads, state.disc_opt_state,
-                                                 state.disc_params)
-      new_state = new_state.replace(
-          disc_params=optax.apply_updates(state.disc_params, d_updates),
-          disc_opt_state=disc_opt_state, disc_batch_stats=disc_stats)
-      metrics.update({"disc_loss": d_loss, "disc_logits_real": jnp.mean(logits_real),
-                      "disc_logits_fake": jnp.mean(logits_fake),
-                      "disc_grad_norm": optax.global_norm(d_grads)})
-    return new_state, metrics
+      result = _accumulated_grads(spec, losses, state, x, microbatches,
+                                  gumbel_rng, codebook_rng, dropout_rng)
+    return _apply_updates(spec, state, tx, disc_tx, schedule, result)
 
   return update_fn
+
+
+class _StepLosses:
+  """The generator and discriminator losses of one step (state and frozen nets bound)."""
+
+  def __init__(self, spec: _StepSpec, state: TrainState, frozen: dict):
+    self.spec, self.state = spec, state
+    self.percept = None if spec.perceptual is None else (
+        lambda a, b: spec.perceptual(frozen, a, b))
+    self.disc_factor = gan.adopt_weight(state.step, spec.loss_cfg.get("disc_start", 0))
+
+  def disc_logits(self, disc_params, batch_stats, images):
+    logits, new = self.spec.discriminator.apply(
+        {"params": disc_params, "batch_stats": batch_stats}, images, train=True,
+        mutable=["batch_stats"])
+    return logits, new["batch_stats"]
+
+  def generator(self, params, x, rngs, update_codebook: bool, scale: float):
+    """Generator loss * scale on images x [b, H, W, 3]; aux: (unscaled loss, terms, outputs,
+    new codebook or None, extra metrics, quantizer-input latents or None)."""
+    spec, state = self.spec, self.state
+    extra = {}
+    mutable = ["codebook", "intermediates"] if update_codebook else ["intermediates"]
+    capture_latents = False if update_codebook else (
+        lambda module, method: module.name == "quant_conv" and method == "__call__")
+    steer, teacher, teacher_weight = router_steering(
+        spec.router_cfg, state.step, x, spec.teacher_thresholds, spec.patch_size,
+        spec.num_grains)
+    outputs, new_vars = spec.model.apply(
+        {"params": params, "codebook": state.codebook}, x, train=True, mutable=mutable,
+        rngs=rngs, capture_intermediates=capture_latents, **steer)
+    outputs = {**outputs, "xrec": spec.constrain(outputs["xrec"])}  # [b, H, W, 3]
+    loss, terms = vae_loss(x, outputs, loss_cfg=spec.loss_cfg, router_cfg=spec.router_cfg,
+                           num_grains=spec.num_grains, perceptual=self.percept,
+                           teacher_gate=teacher, teacher_weight=teacher_weight)
+    if spec.use_benefit:
+      loss, terms = self._add_benefit_loss(params, x, rngs, outputs, steer, loss, terms)
+    if "temperature" in steer:
+      extra["gumbel_temperature"] = steer["temperature"]
+      extra.update(router_margin_metrics(outputs["gate_logits"]))
+    if spec.use_gan:
+      terms["generator"], d_weight = self._adaptive_generator_term(params, x, outputs, new_vars)
+      loss = loss + d_weight * terms["generator"]
+      extra["adaptive_weight"] = d_weight
+    latents = None
+    if not update_codebook:  # [b, hf, wf, D], the quantizer's input
+      latents = jax.lax.stop_gradient(new_vars["intermediates"]["quant_conv"]["__call__"][0])
+    return loss * scale, (loss, terms, outputs, new_vars.get("codebook"), extra, latents)
+
+  def _adaptive_generator_term(self, params, x, outputs, new_vars):
+    """(generator loss, its adaptive weight): gradient norms of nll and generator loss at the
+    decoder's last layer, times disc_weight and the warm-up factor."""
+    spec, state = self.spec, self.state
+    xrec = outputs["xrec"]
+    logits_fake, _ = self.disc_logits(state.disc_params, state.disc_batch_stats, xrec)
+    generator_loss = gan.generator_loss(logits_fake, spec.disc_kind)
+    h = jax.lax.stop_gradient(new_vars["intermediates"]["decoder"]["last_layer_input"][0])
+    kernel = jax.lax.stop_gradient(_get(params, DECODER_LAST_LAYER[:-1])["kernel"])
+    y = jax.lax.stop_gradient(xrec)
+    dy_nll = jax.grad(lambda y: reconstruction_loss(x, y, spec.loss_cfg, self.percept)[0])(y)
+    dy_g = jax.grad(lambda y: gan.generator_loss(
+        self.disc_logits(state.disc_params, state.disc_batch_stats, y)[0], spec.disc_kind))(y)
+    d_weight = gan.adaptive_weight(last_layer_grad(h, kernel, dy_nll),
+                                   last_layer_grad(h, kernel, dy_g),
+                                   spec.loss_cfg.get("adaptive_weight_max", 1e4))
+    return generator_loss, d_weight * spec.loss_cfg.disc_weight * self.disc_factor
+
+  def _add_benefit_loss(self, params, x, rngs, outputs, steer, loss, terms):
+    """The router's cross-entropy against the measured benefit of fine coding: one more
+    forward pass (no gradient, no EMA update) with every region at the other grain."""
+    spec = self.spec
+    gate = jax.lax.stop_gradient(outputs["gate"])
+    flipped = spec.model.apply(
+        {"params": jax.lax.stop_gradient(params), "codebook": self.state.codebook}, x,
+        train=True, rngs=rngs, route_gate=1.0 - gate, use_route_gate=True,
+        temperature=steer.get("temperature"))["xrec"]
+    target, _ = benefit_target(x, outputs["xrec"], jax.lax.stop_gradient(flipped),
+                               outputs["grain"], spec.router_cfg.fine_ratio, spec.patch_size)
+    terms = {**terms, "router_benefit": distill_loss(outputs["gate_logits"], target)}
+    return loss + spec.loss_cfg.router_benefit_weight * terms["router_benefit"], terms
+
+  def discriminator(self, disc_params, batch_stats, real, fake, scale: float):
+    logits_real, stats = self.disc_logits(disc_params, batch_stats, real)
+    logits_fake, stats = self.disc_logits(disc_params, stats, fake)
+    d_loss = gan.discriminator_loss(logits_real, logits_fake, self.spec.disc_kind)
+    return self.disc_factor * d_loss * scale, (d_loss, stats, jnp.mean(logits_real),
+                                               jnp.mean(logits_fake))
+
+
+def _one_slice_grads(spec: _StepSpec, losses: _StepLosses, state: TrainState, x: jax.Array,
+                     rngs: dict) -> dict:
+  """Gradients and metrics of the whole batch in one pass (the EMA update inside)."""
+  grad_fn = jax.value_and_grad(losses.generator, has_aux=True)
+  (_, (loss, terms, outputs, codebook, extra, _)), grads = grad_fn(
+      state.params, x, rngs, True, 1.0)
+  result = {"grads": grads, "loss": loss, "terms": terms, "extra": extra, "codebook": codebook,
+            "code_metrics": {k: outputs[k] for k in ("fine_ratio", "perplexity", "usage",
+                                                     "dead_fraction")}}
+  if spec.use_gan:
+    fake = jax.lax.stop_gradient(outputs["xrec"])
+    d_grad_fn = jax.value_and_grad(losses.discriminator, has_aux=True)
+    (_, (d_loss, disc_stats, logits_real, logits_fake)), d_grads = d_grad_fn(
+        state.disc_params, state.disc_batch_stats, x, fake, 1.0)
+    result.update(d_grads=d_grads, disc_stats=disc_stats,
+                  disc=(d_loss, logits_real, logits_fake))
+  return result
+
+
+def _accumulated_grads(spec: _StepSpec, losses: _StepLosses, state: TrainState, x: jax.Array,
+                       microbatches: int, gumbel_rng, codebook_rng, dropout_rng) -> dict:
+  """Gradients summed over `microbatches` slices in a `lax.scan`, then one EMA update on all
+  slices' latents (see `make_update_fn`)."""
+  grad_fn = jax.value_and_grad(losses.generator, has_aux=True)
+  d_grad_fn = jax.value_and_grad(losses.discriminator, has_aux=True)
+  slices = sh.split_microbatches(x, microbatches, spec.activation_sharding)  # [M, B/M, H, W, 3]
+  zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+
+  def accumulate(carry, inputs):
+    index, piece = inputs
+    grads_sum, d_grads_sum, disc_stats = carry
+    piece_rngs = {"gumbel": jax.random.fold_in(gumbel_rng, index),
+                  "dropout": jax.random.fold_in(dropout_rng, index)}
+    (_, (loss, terms, outputs, _, extra, latents)), grads = grad_fn(
+        state.params, piece, piece_rngs, False, 1.0 / microbatches)
+    per_slice = {"loss": loss, "terms": terms, "extra": extra,
+                 "fine_ratio": outputs["fine_ratio"]}
+    if spec.use_gan:
+      fake = jax.lax.stop_gradient(outputs["xrec"])
+      (_, (d_loss, disc_stats, logits_real, logits_fake)), d_grads = d_grad_fn(
+          state.disc_params, disc_stats, piece, fake, 1.0 / microbatches)
+      d_grads_sum = jax.tree.map(jnp.add, d_grads_sum, d_grads)
+      per_slice["disc"] = (d_loss, logits_real, logits_fake)
+    carry = (jax.tree.map(jnp.add, grads_sum, grads), d_grads_sum, disc_stats)
+    return carry, (per_slice, latents)
+
+  carry = (zeros(state.params), zeros(state.disc_params), state.disc_batch_stats)
+  (grads, d_grads, disc_stats), (per_slice, latents) = jax.lax.scan(
+      accumulate, carry, (jnp.arange(microbatches), slices))
+  mean = lambda tree: jax.tree.map(lambda v: jnp.mean(v, axis=0), tree)
+  loss, terms, extra = mean((per_slice["loss"], per_slice["terms"], per_slice["extra"]))
+  codebook, code_metrics = _ema_update(spec.model, state, sh.merge_microbatches(latents),
+                                       codebook_rng)
+  code_metrics["fine_ratio"] = jnp.mean(per_slice["fine_ratio"])
+  result = {"grads": grads, "loss": loss, "terms": terms, "extra": extra, "codebook": codebook,
+            "code_metrics": code_metrics}
+  if spec.use_gan:
+    result.update(d_grads=d_grads, disc_stats=disc_stats, disc=mean(per_slice["disc"]))
+  return result
+
+
+def _apply_updates(spec: _StepSpec, state: TrainState, tx, disc_tx, schedule,
+                   result: dict) -> tuple[TrainState, dict]:
+  """Optimizer updates of the autoencoder (and discriminator) and the step's metrics."""
+  grads = result["grads"]
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": result["loss"], **{f"loss_{k}": v for k, v in result["terms"].items()},
+             **result["extra"], **result["code_metrics"]}
+  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["lr"] = schedule(state.step)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            codebook=result["codebook"])
+  if spec.use_gan:
+    d_grads = result["d_grads"]
+    d_updates, disc_opt_state = disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
+    new_state = new_state.replace(
+        disc_params=optax.apply_updates(state.disc_params, d_updates),
+        disc_opt_state=disc_opt_state, disc_batch_stats=result["disc_stats"])
+    d_loss, logits_real, logits_fake = result["disc"]
+    metrics.update({"disc_loss": d_loss, "disc_logits_real": jnp.mean(logits_real),
+                    "disc_logits_fake": jnp.mean(logits_fake),
+                    "disc_grad_norm": optax.global_norm(d_grads)})
+  return new_state, metrics
 
 
 def router_margin_metrics(logits: jax.Array) -> dict[str, jax.Array]:
