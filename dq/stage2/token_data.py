@@ -160,6 +160,49 @@ def _global_meta(stage1: Stage1, layout_values: dict, flips: bool) -> dict:
           "flips": bool(flips), "stage1": stage1.source, FINGERPRINT_FIELD: stage1.fingerprint}
 
 
+def _matching_meta(out_dir: str, expected: dict) -> dict:
+  """The tokens folder's meta (or a new one): its global fields must be `expected`'s."""
+  meta_path = os.path.join(out_dir, META_FILE)
+  meta = load_token_meta(out_dir) if os.path.isfile(meta_path) else {**expected, "splits": {}}
+  for field, value in expected.items():
+    if meta.get(field) != value and (field != FINGERPRINT_FIELD or field in meta):
+      raise ValueError(f"tokens in {out_dir} were made with {field}={meta.get(field)!r}, not "
+                       f"{value!r}; encode into another tokens dir or delete this one")
+  return meta
+
+
+def _encode_into(writer: "_ShardWriter", dataset, encode, *, split: str, batch_size: int,
+                 flips: bool, max_images: int, num_classes: int,
+                 codes_dtype) -> tuple[int, float]:
+  """Encodes the dataset's batches into `writer`; returns (images seen, fine regions)."""
+  seen, fine_sum, start = 0, 0.0, time.time()
+  for batch in dataset:
+    images = np.asarray(batch["image"], np.float32)  # [b, H, W, 3]
+    labels = np.asarray(batch["label"], np.int32)  # [b]
+    if max_images:
+      images, labels = images[:max_images - seen], labels[:max_images - seen]
+    if num_classes > 0 and labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+      raise ValueError(f"{split} labels must lie in [0, {num_classes}) for num_classes="
+                       f"{num_classes}; got range [{labels.min()}, {labels.max()}]")
+    codes, grain_map = _encode_padded(encode, images, batch_size)
+    arrays = {"codes": codes.astype(codes_dtype), "grain": grain_map.astype(np.uint8),
+              "label": labels}
+    if flips:
+      codes_flip, grain_flip = _encode_padded(encode, images[:, :, ::-1], batch_size)
+      arrays.update(codes_flip=codes_flip.astype(codes_dtype),
+                    grain_flip=grain_flip.astype(np.uint8))
+    written = len(writer.shards)
+    writer.add(arrays)
+    seen += len(labels)
+    fine_sum += float(grain_map.sum())
+    if len(writer.shards) > written:
+      logging.info("Encoded %d %s images, %d shards (%.1f images/s)", seen, split,
+                   len(writer.shards), seen / max(time.time() - start, 1e-9))
+    if max_images and seen >= max_images:
+      break
+  return seen, fine_sum
+
+
 def encode_dataset(stage1: Stage1, data_cfg: Any, out_dir: str, *, split: str = "train",
                    batch_size: int = 32, shard_size: int = 4096, flips: bool = True,
                    max_images: int = 0, num_classes: Optional[int] = None) -> dict:
@@ -189,13 +232,8 @@ def encode_dataset(stage1: Stage1, data_cfg: Any, out_dir: str, *, split: str = 
   num_classes = pipeline.num_classes(data_cfg) if num_classes is None else int(num_classes)
   layout_values = {"coarse_size": list(stage1.coarse_size), "fine_size": list(stage1.fine_size),
                    "codebook_size": stage1.codebook_size, "num_classes": num_classes}
-  expected = _global_meta(stage1, layout_values, flips)
   meta_path = os.path.join(out_dir, META_FILE)
-  meta = load_token_meta(out_dir) if os.path.isfile(meta_path) else {**expected, "splits": {}}
-  for field, value in expected.items():
-    if meta.get(field) != value and (field != FINGERPRINT_FIELD or field in meta):
-      raise ValueError(f"tokens in {out_dir} were made with {field}={meta.get(field)!r}, not "
-                       f"{value!r}; encode into another tokens dir or delete this one")
+  meta = _matching_meta(out_dir, _global_meta(stage1, layout_values, flips))
   if split in meta["splits"]:
     logging.info("Tokens of the %s split of %s are already in %s (%d images); skipping",
                  split, stage1.source, out_dir, meta["splits"][split]["num_images"])
@@ -204,37 +242,15 @@ def encode_dataset(stage1: Stage1, data_cfg: Any, out_dir: str, *, split: str = 
   os.makedirs(out_dir, exist_ok=True)
   dataset = pipeline.make_dataset(data_cfg, split=split, batch_size=batch_size, seed=0,
                                   train=False, num_epochs=1, drop_remainder=False)
-  encode = make_encode_fn(stage1)
-  codes_dtype = _codes_dtype(stage1.codebook_size)
   fields = RECORD_FIELDS + (FLIP_FIELDS if flips else ())
   writer = _ShardWriter(out_dir, split, shard_size, fields)
-  seen, fine_sum, start = 0, 0.0, time.time()
   logging.info("Encoding the %s split into %s (batch %d, flips %s)", split, out_dir,
                batch_size, flips)
-  for batch in dataset:
-    images = np.asarray(batch["image"], np.float32)  # [b, H, W, 3]
-    labels = np.asarray(batch["label"], np.int32)  # [b]
-    if max_images:
-      images, labels = images[:max_images - seen], labels[:max_images - seen]
-    if num_classes > 0 and labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-      raise ValueError(f"{split} labels must lie in [0, {num_classes}) for num_classes="
-                       f"{num_classes}; got range [{labels.min()}, {labels.max()}]")
-    codes, grain_map = _encode_padded(encode, images, batch_size)
-    arrays = {"codes": codes.astype(codes_dtype), "grain": grain_map.astype(np.uint8),
-              "label": labels}
-    if flips:
-      codes_flip, grain_flip = _encode_padded(encode, images[:, :, ::-1], batch_size)
-      arrays.update(codes_flip=codes_flip.astype(codes_dtype),
-                    grain_flip=grain_flip.astype(np.uint8))
-    written = len(writer.shards)
-    writer.add(arrays)
-    seen += len(labels)
-    fine_sum += float(grain_map.sum())
-    if len(writer.shards) > written:
-      logging.info("Encoded %d %s images, %d shards (%.1f images/s)", seen, split,
-                   len(writer.shards), seen / max(time.time() - start, 1e-9))
-    if max_images and seen >= max_images:
-      break
+  start = time.time()
+  seen, fine_sum = _encode_into(writer, dataset, make_encode_fn(stage1), split=split,
+                                batch_size=batch_size, flips=flips, max_images=max_images,
+                                num_classes=num_classes,
+                                codes_dtype=_codes_dtype(stage1.codebook_size))
   writer.flush()
   if not seen:
     raise ValueError(f"the {split} split of the configured data yielded no images to encode")
