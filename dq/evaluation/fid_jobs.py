@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
@@ -55,19 +54,16 @@ from dq.evaluation import inception as inc
 from dq.evaluation import metrics, vae_eval
 from dq.evaluation.inception_weights import load_inception_params
 from dq.evaluation.reference_stats import compute_reference_stats, features_in_batches
+from dq import generator as gen
+from dq.generator import Generator, load_generator, sampling_config  # noqa: F401
 from dq.stage2 import sampler as sampling
 from dq.stage2 import stage1 as stage1_lib
-from dq.stage2.build import build_transformer, default_transformer_config
 from dq.stage2.tokens import TokenLayout, unpack_tokens_jax
-from dq.tools import convert_official_transformer as convert_transformer
-from dq.train import transformer_step, transformer_trainer
-from dq.train.progress import Progress
 from dq.train.writers import create_writer
 
 MODES = ("reference", "stage1", "stage2")
 FEATURES_KEY = "features"  # pool_3 features [M, 2048] in a reference .npz (precision/recall)
 RESULT_PREFIX = "fid_"  # WORKDIR/eval/fid_<mode>_<step>.json
-STAGE2_CONFIG = "config.json"
 
 
 def fid_base_config() -> ml_collections.ConfigDict:
@@ -457,93 +453,6 @@ def _trim(parts: list[np.ndarray], limit: int) -> list[np.ndarray]:
 # --- stage 2 ----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Generator:
-  """A trained DQ-Transformer ready to sample: module, layout, params, its stage 1."""
-  model: Any
-  layout: TokenLayout
-  params: Any
-  step: int
-  source: str
-  stage1: stage1_lib.Stage1
-  fine_order: str
-
-
-def _stage1_for(config: Any, run_stage1_path: str, where: str) -> stage1_lib.Stage1:
-  path = config.stage1.path or run_stage1_path
-  if not path:
-    raise ValueError(f"{where} names no stage-1 model: set config.stage1.path to the DQ-VAE "
-                     "(workdir or converted folder) the transformer was trained on")
-  return stage1_lib.load_stage1(path)
-
-
-def load_generator(config: Any) -> Generator:
-  """The DQ-Transformer at `config.stage2.workdir`: a dq stage-2 workdir (its config.json
-  gives model, classes, token layout and stage 1; params from its latest checkpoint, else
-  its init_from) or a converted official folder (params.npz + transformer_config.json; stage 1
-  from `config.stage1.path`)."""
-  path = config.stage2.workdir
-  if not path:
-    raise ValueError("config.stage2.workdir is empty: set it to a stage-2 workdir (python -m "
-                     "dq.main --config=configs/*_transformer.py) or a converted official "
-                     "DQ-Transformer folder (python -m dq.tools.convert_official_transformer)")
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"config.stage2.workdir={path} does not exist")
-  if os.path.isfile(os.path.join(path, convert_transformer.CONFIG_FILE)):
-    params, converted = convert_transformer.load_converted_transformer(path)
-    vae = _stage1_for(config, "", f"the converted DQ-Transformer {path}")
-    layout = TokenLayout(**converted["layout"])
-    expected = stage1_lib.token_layout(vae, layout.num_classes, layout.max_len)
-    if expected != layout:
-      raise ValueError(f"{path}: token layout {layout} does not match the stage-1 model "
-                       f"{vae.source} ({expected})")
-    model_cfg = default_transformer_config()
-    model_cfg.update({k: v for k, v in converted["model"].items() if k in model_cfg})
-    model = build_transformer(model_cfg, layout)
-    abstract = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), *(jnp.zeros((1, layout.max_len),
-                                                              jnp.int32),) * 3,
-                           method="forward_packed")["params"])
-    _check_params(params, abstract, path)
-    params = jax.tree.map(lambda a, b: np.asarray(a, b.dtype), params, abstract)
-    return Generator(model, layout, params, 0, path, vae, "row")
-  config_path = os.path.join(path, STAGE2_CONFIG)
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(
-        f"config.stage2.workdir={path} has neither {STAGE2_CONFIG} (a stage-2 workdir) nor "
-        f"{convert_transformer.CONFIG_FILE} (a converted official DQ-Transformer)")
-  with open(config_path) as f:
-    run = ml_collections.ConfigDict(json.load(f))
-  if run.get("stage") != "transformer":
-    raise ValueError(f"{config_path} is the config of a {run.get('stage')!r} run, not of a "
-                     "stage-2 DQ-Transformer (config.stage='transformer')")
-  vae = _stage1_for(config, run.stage1.path, config_path)
-  layout = transformer_trainer.make_layout(
-      run, vae, transformer_trainer.resolve_data_config(run, vae))
-  model = build_transformer(run.model, layout)
-  tx, _ = transformer_step.make_transformer_optimizer(run.optim, run.train.num_steps)
-  abstract = jax.eval_shape(transformer_step.make_init_fn(model, tx, layout),
-                            jax.random.PRNGKey(0))
-  params, step, source = transformer_trainer.restore_params(run, path, abstract.params,
-                                                          layout, vae)
-  return Generator(model, layout, params, step, source, vae, run.tokens.fine_order)
-
-
-def _check_params(params: Any, abstract: Any, source: str) -> None:
-  if jax.tree.structure(params) != jax.tree.structure(abstract) or any(
-      np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(abstract))):
-    raise ValueError(f"{source}: its parameters do not match the model its config describes")
-
-
-def sampling_config(config: Any, generator: Generator) -> sampling.SamplingConfig:
-  """`config.sample` as a SamplingConfig; fine_order '' -> the run's training order."""
-  sample_cfg = config.sample.copy_and_resolve_references()
-  if not sample_cfg.get("fine_order"):
-    sample_cfg.fine_order = generator.fine_order
-  return sampling.sampling_config_from(sample_cfg)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def decode_tokens(model: Any, layout: TokenLayout, batch_sharding: NamedSharding,
                   variables: dict, packed: dict) -> dict:
@@ -584,7 +493,7 @@ def stage2(config: Any, workdir: str, inception_params: Optional[inc.Params] = N
   if count < jax.process_count():
     raise ValueError(f"config.fid.num_images={count} is below the process count "
                      f"{jax.process_count()}")
-  labels = transformer_trainer.sample_labels(config, generator.layout, count)  # [N] or None
+  labels = gen.sample_labels(config, generator.layout, count)  # [N] or None
   share = process_share(count)
   sampling_cfg = sampling_config(config, generator)
   sampler = sampling.make_sampler(generator.model, generator.layout, sampling_cfg)
@@ -596,24 +505,17 @@ def stage2(config: Any, workdir: str, inception_params: Optional[inc.Params] = N
   variables, params = jax.device_put((generator.stage1.variables, params), devices.replicated)
   base_rng = jax.random.fold_in(jax.random.PRNGKey(int(config.sample.seed)),
                                 jax.process_index())
-  num_batches = -(-len(share) // batch_size)
+  num_batches = gen.count_batches(len(share), batch_size)
   logging.info("FID of %s (step %d): %d samples (%d on this process) in %d batches of %d, %s",
                generator.source, generator.step, count, len(share), num_batches, batch_size,
                sampling_cfg)
 
   keep_images = bool(config.fid.save_images)
   rows: dict[str, list] = {}
-  progress = Progress(num_batches, 0, every=int(config.fid.log_every))
   start = time.perf_counter()
-  for index in range(num_batches):
-    lo = share.start + index * batch_size
-    take = min(batch_size, share.stop - lo)
-    if labels is None:
-      request = batch_size
-    else:  # the last batch padded to one shape (one compilation), then trimmed
-      request = np.resize(labels[lo:lo + take], batch_size)
-    packed = sampler(sampler_params, jax.device_put(jax.random.fold_in(base_rng, index), first),
-                     request)
+  for take, packed in gen.generate_in_batches(
+      lambda rng, request: sampler(sampler_params, jax.device_put(rng, first), request),
+      share, batch_size, labels, base_rng, log_every=int(config.fid.log_every)):
     packed = {key: devices.put_batch(jax.device_get(value), decode_batch)
               for key, value in packed.items()}
     out = decode_tokens(generator.stage1.model, generator.layout, devices.batch, variables,
@@ -626,7 +528,6 @@ def stage2(config: Any, workdir: str, inception_params: Optional[inc.Params] = N
       out.pop("images")
     for key, value in jax.device_get(out).items():
       rows.setdefault(key, []).append(np.asarray(value)[:take])
-    progress(index + 1)
   seconds = time.perf_counter() - start
   local = {key: np.concatenate(value) for key, value in rows.items()}
   features = gather_rows(local["features"])
