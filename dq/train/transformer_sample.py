@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 from dq import generator as gen
-from dq import viz
+from dq.summaries import images as pictures
+from dq.summaries.png import save_png
 from dq.generator import make_generate_fn, restore_params, sample_labels  # noqa: F401
 from dq.stage2 import progressive
 from dq.stage2 import sampler as sampling
@@ -38,13 +39,14 @@ def sample_grid(images: np.ndarray, grains: np.ndarray, columns: int = GRID_COLU
   count, height, width = images.shape[:3]
   columns = max(1, min(columns, count))
   rows = -(-count // columns)
-  step_h, step_w = height + viz.SEPARATOR, width + viz.SEPARATOR
-  grid = np.full((rows * step_h - viz.SEPARATOR, 2 * columns * step_w - viz.SEPARATOR, 3),
-                 viz.SEPARATOR_VALUE, np.uint8)
+  separator = pictures.SEPARATOR
+  step_h, step_w = height + separator, width + separator
+  grid = np.full((rows * step_h - separator, 2 * columns * step_w - separator, 3),
+                 pictures.SEPARATOR_VALUE, np.uint8)
   for i in range(count):
     top, left = (i // columns) * step_h, 2 * (i % columns) * step_w
     grid[top:top + height, left:left + width] = images[i]
-    grid[top:top + height, left + step_w:left + step_w + width] = viz.grain_overlay(
+    grid[top:top + height, left + step_w:left + step_w + width] = pictures.grain_overlay(
         images[i], grains[i], NUM_GRAINS)
   return grid
 
@@ -64,7 +66,7 @@ def write_sample_grid(writer, generate, decode_partial, params, config, layout, 
                               "sample/length": float(np.mean(out["length"]))})
   strip = progressive.generation_strip(packed_of(out), layout, decode_partial, max_images=4,
                                        scale=2)
-  writer.write_images(step, {"samples": sample_grid(viz.to_uint8(out["images"]),
+  writer.write_images(step, {"samples": sample_grid(pictures.to_uint8(out["images"]),
                                                     out["grain"])[None],
                              "generation_strip": strip[None]})
 
@@ -93,16 +95,16 @@ def sample(config: Any, workdir: str) -> str:
       lambda rng, request: generate(params, rng, request), range(count), batch_size, labels,
       jax.random.PRNGKey(config.sample.seed))]
   result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  images = viz.to_uint8(result["images"])  # [N, H, W, 3]
+  images = pictures.to_uint8(result["images"])  # [N, H, W, 3]
 
   out_dir = config.sample.out_dir or os.path.join(workdir, "samples")
   npz_path = os.path.join(out_dir, "samples.npz")
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     for i, image in enumerate(images):
-      viz.save_png(os.path.join(out_dir, f"sample_{i:05d}.png"), image)
-    viz.save_png(os.path.join(out_dir, "grid.png"), sample_grid(images[:64], result["grain"][:64]))
-    viz.save_png(os.path.join(out_dir, "generation_strip.png"), progressive.generation_strip(
+      save_png(os.path.join(out_dir, f"sample_{i:05d}.png"), image)
+    save_png(os.path.join(out_dir, "grid.png"), sample_grid(images[:64], result["grain"][:64]))
+    save_png(os.path.join(out_dir, "generation_strip.png"), progressive.generation_strip(
         packed_of(result), layout, progressive.make_partial_decode_fn(stage1), max_images=4,
         scale=2))
     settings = {f"setting_{k}": np.asarray(v) for k, v in _settings(config, sampling_cfg,
