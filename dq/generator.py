@@ -30,7 +30,6 @@ from dq.stage2.build import build_transformer, default_transformer_config
 from dq.stage2.tokens import TokenLayout, unpack_tokens_jax
 from dq.stage2.progressive import PACKED_FIELDS as PACKED_KEYS
 from dq.tools import convert_official_transformer as convert_transformer
-from dq.train.progress import Progress
 STAGE1_RECORD = "stage1.json"  # the DQ-VAE a stage-2 run trains on: path and fingerprint
 STAGE2_CONFIG = "config.json"
 
@@ -285,14 +284,15 @@ def count_batches(count: int, batch_size: int) -> int:
 
 def generate_in_batches(generate: Callable[[jax.Array, Any], Any], indices: range,
                         batch_size: int, labels: Optional[np.ndarray], base_rng: jax.Array,
-                        log_every: int = 1) -> Iterator[tuple[int, Any]]:
+                        progress: Optional[Callable[[int], Any]] = None
+                        ) -> Iterator[tuple[int, Any]]:
   """Yields (take, generate(rng, request)) for the samples `indices` in batches of
   `batch_size`: batch i draws with fold_in(base_rng, i) and requests `batch_size` samples
   (unconditional) or its labels (`labels[indices]`, the last batch padded to one shape: one
-  compilation), of which the first `take` are real. A progress line every `log_every` batches.
+  compilation), of which the first `take` are real. `progress(i + 1)` after batch i is used
+  (e.g. a `dq.train.progress.Progress`).
   """
   num_batches = count_batches(len(indices), batch_size)
-  progress = Progress(num_batches, 0, every=log_every)
   for index in range(num_batches):
     lo = indices.start + index * batch_size
     take = min(batch_size, indices.stop - lo)
@@ -301,4 +301,5 @@ def generate_in_batches(generate: Callable[[jax.Array, Any], Any], indices: rang
     else:  # the last batch padded to one shape (one compilation), then trimmed
       request = np.resize(labels[lo:lo + take], batch_size)
     yield take, generate(jax.random.fold_in(base_rng, index), request)
-    progress(index + 1)
+    if progress is not None:
+      progress(index + 1)

@@ -20,6 +20,7 @@ from dq.generator import make_generate_fn, restore_params, sample_labels  # noqa
 from dq.stage2 import progressive
 from dq.stage2 import sampler as sampling
 from dq.stage2.build import build_transformer
+from dq.train.progress import Progress
 from dq.train.transformer_step import PACKED_KEYS
 
 NUM_GRAINS = 2  # the token layout is dual grain
@@ -91,9 +92,10 @@ def sample(config: Any, workdir: str) -> str:
   logging.info("Sampling %d images in batches of %d from %s (step %d), %s", count, batch_size,
                source, step, sampling_cfg)
 
+  progress = Progress(gen.count_batches(count, batch_size), 0, every=1)
   parts = [{k: v[:take] for k, v in out.items()} for take, out in gen.generate_in_batches(
       lambda rng, request: generate(params, rng, request), range(count), batch_size, labels,
-      jax.random.PRNGKey(config.sample.seed))]
+      jax.random.PRNGKey(config.sample.seed), progress)]
   result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   images = pictures.to_uint8(result["images"])  # [N, H, W, 3]
 

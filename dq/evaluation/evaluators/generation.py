@@ -32,6 +32,7 @@ from dq.evaluation import inception as inc
 from dq.evaluation.evaluators import common, reference
 from dq.stage2 import sampler as sampling
 from dq.stage2.tokens import TokenLayout, unpack_tokens_jax
+from dq.train.progress import Progress
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -88,7 +89,8 @@ def _sample_features(config: Any, generator: gen.Generator, params: inc.Params,
   start = time.perf_counter()
   for take, packed in gen.generate_in_batches(
       lambda rng, request: sampler(sampler_params, jax.device_put(rng, first), request),
-      share, batch_size, labels, base_rng, log_every=int(config.fid.log_every)):
+      share, batch_size, labels, base_rng,
+      Progress(num_batches, 0, every=int(config.fid.log_every))):
     packed = {key: devices.put_batch(jax.device_get(value), decode_batch)
               for key, value in packed.items()}
     out = decode_tokens(generator.stage1.model, generator.layout, devices.batch, variables,
