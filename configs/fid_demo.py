@@ -12,7 +12,7 @@ Results: WORKDIR/eval/fid_<mode>_<step>.json (and metrics.jsonl / TensorBoard). 
 transformer run's own by default), `stage2=PATH` (stage-2 workdir), `num=N` (images per set).
 """
 from dq.configs import parse_arg
-from dq.evaluation.fid_jobs import fid_base_config
+from dq.configs import fid_base_config
 
 
 def get_config(arg=None):

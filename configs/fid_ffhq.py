@@ -16,7 +16,7 @@ Args (comma-separated): `data=FOLDER` (the images; the 'eval' split reads all of
 Sampling settings: --config.sample.* (temperatures, top_k/top_p, seed, batch_size).
 """
 from dq.configs import parse_arg
-from dq.evaluation.fid_jobs import fid_base_config
+from dq.configs import fid_base_config
 
 
 def get_config(arg=None):

@@ -18,7 +18,7 @@ Args (comma-separated): `data=TRAIN_FOLDER`, `eval_data=VAL_FOLDER`, `tfds`, `sp
 (reference split, train by default), `stage1=PATH`, `stage2=PATH`, `num=N` (samples, 50000).
 """
 from dq.configs import parse_arg, set_imagenet_data
-from dq.evaluation.fid_jobs import fid_base_config
+from dq.configs import fid_base_config
 
 
 def get_config(arg=None):

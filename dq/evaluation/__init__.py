@@ -25,8 +25,8 @@ _EXPORTS = {
     "load_inception_params": "dq.evaluation.inception_weights",
     "compute_reference_stats": "dq.evaluation.reference_stats",
     "features_in_batches": "dq.evaluation.reference_stats",
-    "fid_base_config": "dq.evaluation.fid_jobs",
-    "fid_to_reference": "dq.evaluation.fid_jobs",
+    "fid_base_config": "dq.configs",
+    "fid_to_reference": "dq.evaluation.evaluators.common",
 }
 
 __all__ = sorted(_EXPORTS)

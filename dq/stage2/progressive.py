@@ -10,8 +10,8 @@ and returns the code map and the cells known at each cut:
   no coarse code to fall back on (it is coded fine instead of coarse), so nothing is shown for
   it: `make_partial_decode_fn` feeds the decoder the **mean codebook vector** there (a neutral
   latent, so the decoded neighbours are not pulled towards an arbitrary code), and the
-  pictures (`dq.viz.generation_strip` / `strip_animation`) paint the unknown cells neutral grey
-  with dark diagonal hatching.
+  pictures (`dq.summaries.strips.generation_strip` / `strip_animation`) paint the unknown
+  cells neutral grey with dark diagonal hatching.
 The last stage (fraction 1) is the finished sample, equal to the plain decode of its codes.
 
 `progressive_frames` runs the whole chain for a batch: packed -> states -> decoded frames,
@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dq import viz
+from dq.summaries import images as pictures
+from dq.summaries import strips
 from dq.stage2 import tokens as tok
 
 DEFAULT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -155,7 +156,7 @@ def progressive_frames(packed: Mapping[str, np.ndarray], layout: tok.TokenLayout
   batch, stages = states["codes"].shape[:2]
   flat = lambda a: a.reshape(batch * stages, *a.shape[2:])
   images = decode_partial(flat(states["codes"]), flat(states["known"]))  # [B*S, H, W, 3]
-  images = viz.to_uint8(images).reshape(batch, stages, *images.shape[1:])
+  images = pictures.to_uint8(images).reshape(batch, stages, *images.shape[1:])
   return {**states, "images": images, "captions": stage_captions(fractions)}
 
 
@@ -165,7 +166,7 @@ def generation_strip(packed: Mapping[str, np.ndarray], layout: tok.TokenLayout,
                      max_images: int = 4, captions: bool = True, scale: int = 1) -> np.ndarray:
   """uint8 strip: one row per sequence (at most `max_images`), one column per stage, captions
   ('coarse', 'fine 25%', ...) on top, frames magnified `scale` times; see
-  `dq.viz.generation_strip`."""
+  `dq.summaries.strips.generation_strip`."""
   frames = progressive_frames(packed, layout, decode_partial, fractions, max_images)
-  return viz.generation_strip(frames["images"], frames["known"],
+  return strips.generation_strip(frames["images"], frames["known"],
                               frames["captions"] if captions else None, scale=scale)

@@ -10,7 +10,6 @@ jitted once with explicit shardings and the state donated, as in stage 1.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any, Callable, Optional
@@ -21,6 +20,10 @@ import numpy as np
 
 from dq import sharding as sh
 from dq.data import pipeline
+# Loading a run's tokenizer and params is dq.generator's and the sample mode lives in
+# transformer_sample; these names stay importable from here.
+from dq.generator import (STAGE1_RECORD, check_stage1_of_run, load_stage1,  # noqa: F401
+                          make_layout, resolve_data_config)
 from dq.stage2 import progressive
 from dq.stage2 import sampler as sampling
 from dq.stage2 import stage1 as stage1_lib
@@ -31,7 +34,6 @@ from dq.train import checkpoint as ckpt
 from dq.train import throughput
 from dq.train.loop import TrainLoop, check_batch_size, guard_nonfinite
 from dq.train.state import abstract_with_shardings, sharded_init
-# The sample mode lives in transformer_sample; these names stay importable from here.
 from dq.train.transformer_sample import (GRID_COLUMNS, NUM_GRAINS, make_generate_fn,  # noqa: F401
                                          packed_of, restore_params, sample, sample_grid,
                                          sample_labels, write_sample_grid)
@@ -39,50 +41,6 @@ from dq.train.transformer_step import (PACKED_KEYS, TransformerState, make_init_
                                        make_transformer_optimizer, make_update_fn)
 from dq.train.workdir import TrainingRun
 from dq.train.writers import create_writer
-
-STAGE1_RECORD = "stage1.json"  # the DQ-VAE a stage-2 run trains on: path and fingerprint
-
-
-def load_stage1(config: Any) -> stage1_lib.Stage1:
-  """The frozen DQ-VAE at `config.stage1.path`, with clear errors when it is missing."""
-  path = config.stage1.path
-  if not path:
-    raise ValueError(f"config.stage1.path is empty: stage 2 needs a trained DQ-VAE; "
-                     f"{stage1_lib.STAGE1_HINT}, then pass --config.stage1.path=DIR (the demo "
-                     "config takes it as configs/demo_transformer.py:stage1=DIR)")
-  stage1 = stage1_lib.load_stage1(path)
-  logging.info("Stage 1 from %s: %d px, coarse %s, fine %s, codebook %d", path,
-               stage1.image_size, stage1.coarse_size, stage1.fine_size, stage1.codebook_size)
-  return stage1
-
-
-def _stage1_record_path(run_dir: str) -> Optional[str]:
-  """WORKDIR/stage1.json of a stage-2 run given its workdir or one of its checkpoint folders."""
-  for directory in (run_dir, os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))):
-    path = os.path.join(directory, STAGE1_RECORD)
-    if os.path.isfile(path):
-      return path
-  return None
-
-
-def check_stage1_of_run(run_dir: str, stage1: stage1_lib.Stage1) -> None:
-  """ValueError when the stage-2 run in `run_dir` was trained on the tokens of another DQ-VAE
-  than `stage1` (its recorded tokenizer fingerprint differs); runs without a record (converted
-  official folders, older runs) pass."""
-  path = _stage1_record_path(run_dir)
-  if path is None:
-    return
-  with open(path) as f:
-    record = json.load(f)
-  trained = record.get("fingerprint")
-  if trained and stage1.fingerprint and trained != stage1.fingerprint:
-    raise ValueError(
-        f"the transformer in {run_dir} was trained on tokens of the stage-1 model "
-        f"{record.get('path')} (tokenizer fingerprint {trained}), but config.stage1.path="
-        f"{stage1.source} gives fingerprint {stage1.fingerprint}: its encoder, router or codebook "
-        "differ (another or a further-trained DQ-VAE), so its codes mean something else. Point "
-        "config.stage1.path at the model the transformer was trained with (a stage-1 workdir's "
-        "checkpoints/STEP folder pins one checkpoint)")
 
 
 def record_stage1(workdir: str, stage1: stage1_lib.Stage1) -> None:
@@ -96,25 +54,6 @@ def record_stage1(workdir: str, stage1: stage1_lib.Stage1) -> None:
     os.makedirs(workdir, exist_ok=True)
     token_data.write_json_atomic(path, {"path": stage1.source,
                                         "fingerprint": stage1.fingerprint})
-
-
-def resolve_data_config(config: Any, stage1: stage1_lib.Stage1) -> Any:
-  """`config.data` with image_size taken from stage 1 (0) or checked against it."""
-  data_cfg = config.data.copy_and_resolve_references()
-  if data_cfg.image_size == 0:
-    data_cfg.image_size = stage1.image_size
-  elif data_cfg.image_size != stage1.image_size:
-    raise ValueError(f"config.data.image_size={data_cfg.image_size} but the stage-1 model at "
-                     f"{config.stage1.path} codes {stage1.image_size} px images; set it to "
-                     f"{stage1.image_size} or 0")
-  return data_cfg
-
-
-def make_layout(config: Any, stage1: stage1_lib.Stage1, data_cfg: Any) -> TokenLayout:
-  """Token layout of the stage-1 grids; classes from the data when class-conditional."""
-  num_classes = pipeline.num_classes(data_cfg) if config.class_conditional else 0
-  return stage1_lib.token_layout(stage1, num_classes=num_classes,
-                                 max_len=config.tokens.max_len or None)
 
 
 def tokens_dir(config: Any, workdir: str) -> str:

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dq import sharding as sh
-from dq import viz
+from dq.summaries import images as pictures
+from dq.summaries import plots, stats
 from dq.data import pipeline
 from dq.evaluation import vae_eval
 from dq.models.build import build_dqvae
@@ -262,7 +263,7 @@ def run_evaluation(config, workdir, model, state, mesh, writer) -> dict:
       lpips_params=lpips_params, per_image=True)
   fine = results.pop("fine_ratio_per_image")
   vae_eval.write_results(workdir, "reconstruction", step, results)
-  writer.write_images(step, {"eval/fine_ratio_distribution": viz.fine_ratio_distribution(
+  writer.write_images(step, {"eval/fine_ratio_distribution": plots.fine_ratio_distribution(
       {"eval split": fine}, title=f"fine-grain ratio per eval image, step {step}")[None]})
   writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()
                               if isinstance(v, (int, float))})
@@ -311,9 +312,10 @@ def _write_summary(writer, reconstruct, state, images, model_cfg, step) -> None:
                                    jnp.asarray(images)))
   num_grains = model_cfg.num_grains
   grain, codes = np.asarray(out["grain"]), np.asarray(out["codes"])
-  grid = viz.reconstruction_grid(np.asarray(images), np.asarray(out["xrec"]), grain, num_grains)
-  histogram = viz.code_histogram(codes, grain, model_cfg.codebook_size, num_grains)
-  ratios = viz.fine_ratio_distribution(viz.fine_ratios(grain, num_grains),
+  grid = pictures.reconstruction_grid(np.asarray(images), np.asarray(out["xrec"]), grain,
+                                      num_grains)
+  histogram = plots.code_histogram(codes, grain, model_cfg.codebook_size, num_grains)
+  ratios = plots.fine_ratio_distribution(stats.fine_ratios(grain, num_grains),
                                        title=f"fine-grain ratio per image, step {step}")
   writer.write_images(step, {"reconstruction": grid[None], "code_histogram": histogram[None],
                              "fine_ratio_distribution": ratios[None]})

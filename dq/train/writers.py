@@ -32,11 +32,11 @@ class JsonlWriter:
       f.write(json.dumps(row) + "\n")
 
   def write_images(self, step: int, images: Mapping[str, Any]):
-    from dq import viz
+    from dq.summaries.png import save_png
     for name, image in images.items():
       image = np.asarray(image)
       image = image[0] if image.ndim == 4 else image
-      viz.save_png(os.path.join(self._image_dir, f"{name}_{int(step):07d}.png"), image)
+      save_png(os.path.join(self._image_dir, f"{name}_{int(step):07d}.png"), image)
 
   def write_texts(self, step, texts):
     del step, texts

@@ -33,7 +33,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     from dq.configs import transformer_base_config
     return transformer_base_config()
   if stage == "fid":
-    from dq.evaluation.fid_jobs import fid_base_config  # Deferred: imports the trainers.
+    from dq.configs import fid_base_config
     return fid_base_config()
   raise ValueError(f"stage {stage!r}: expected one of {sorted(STAGE_MODES)}")
 

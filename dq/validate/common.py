@@ -175,8 +175,9 @@ def parse_labels(c: Checker, num_classes: Optional[int]) -> None:
     c.fail("sample.labels", text, "expected '' for an unconditional model "
            "(class_conditional=False)")
     return
+  from dq.generator import label_values  # Deferred: loads the models.
   try:
-    values = [int(v) for v in text.split(",") if v.strip()]
+    values = label_values(text)
   except ValueError:
     c.fail("sample.labels", text, "expected '' or comma-separated ints, e.g. '3,3,7'")
     return
