@@ -22,7 +22,7 @@ import numpy as np
 from dq.models.build import build_dqvae
 from dq.models.dqvae import DQVAE
 from dq.stage2.tokens import TokenLayout, pack_tokens_jax
-from dq.tools import convert_official_dqvae as convert
+from dq.official import dqvae as convert
 
 THRESHOLDS_FILE = "entropy_thresholds.json"
 # Parameters that only decode: a DQ-VAE whose other weights are equal makes the same tokens.

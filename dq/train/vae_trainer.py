@@ -116,7 +116,7 @@ def init_from(path: str, state: TrainState, abstract: TrainState,
   the step is the checkpoint's (for evaluation); otherwise training starts at 0."""
   step = state.step
   if os.path.isfile(os.path.join(path, "params.npz")):
-    from dq.tools.convert_official_dqvae import load_converted
+    from dq.official.dqvae import load_converted
     variables, _ = load_converted(path)
     loaded = {"params": variables["params"], "codebook": variables["codebook"]}
   else:
