@@ -23,11 +23,11 @@ from dq import sharding as sh
 from dq.data import pipeline
 from dq.stage2 import progressive
 from dq.stage2 import sampler as sampling
-from dq.stage2 import stage1 as stage1_lib
+from dq import tokenizer as stage1_lib
 from dq.stage2 import token_data
 from dq.stage2.build import build_transformer
 from dq.stage2.tokens import TokenLayout
-from dq.train import checkpoint as ckpt
+from dq import checkpoint as ckpt
 from dq.train import throughput
 from dq.train.loop import TrainLoop, check_batch_size, guard_nonfinite
 from dq.train.state import abstract_with_shardings, sharded_init

@@ -16,7 +16,7 @@ THRESHOLDS_FILE = "entropy_thresholds.json"
 
 
 def read_stage1_model_config(path: str) -> tuple[dict, str]:
-  """(model config dict, folder) of the DQ-VAE at `path`, as `dq.stage2.stage1.load_stage1`
+  """(model config dict, folder) of the DQ-VAE at `path`, as `dq.tokenizer.load_stage1`
   finds it: a converted folder's model_config.json or a stage-1 workdir's config.json.
 
   Raises:
