@@ -236,7 +236,7 @@ def vae_config(settings: Settings, spec: dict, thresholds_path: str,
   router.norm_groups = settings.router_norm_groups
   router.threshold_images = settings.threshold_images
   # The entropy router and a learned router with an entropy teacher share one threshold table.
-  from dq.train.router_control import needs_entropy_thresholds
+  from dq.models.router import needs_entropy_thresholds
   uses_table = spec["router"] == "entropy" or needs_entropy_thresholds(router)
   router.thresholds_path = thresholds_path if uses_table else ""
   # Checkpoints at every fifth of training: the learned router's routing changes between them
@@ -436,7 +436,7 @@ def routing_diagnostics(config, run_dir: str, settings: Settings) -> dict:
   fraction of regions whose grain changed between consecutive checkpoints."""
   from dq.data import pipeline
   from dq.evaluation import routing
-  from dq.train import checkpoint as ckpt
+  from dq import checkpoint as ckpt
   from dq.train import vae_trainer
   root = os.path.join(run_dir, "checkpoints")
   steps = sorted(int(n) for n in os.listdir(root) if n.isdigit()

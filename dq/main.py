@@ -117,7 +117,7 @@ def dispatch(config) -> None:
 
 def user_error_message(error: BaseException) -> str | None:
   """The message of a known user error (no traceback needed), else None."""
-  from dq.train import checkpoint
+  from dq import checkpoint
   from dq.train.workdir import WorkdirLocked
   from dq.validate import ConfigError
   known = (ConfigError, ConfigFileError, FileNotFoundError, WorkdirLocked,

@@ -18,7 +18,7 @@ import numpy as np
 from dq.data import embedded, transforms
 from dq.data.config import default_data_config
 from dq.models.build import build_dqvae, default_model_config
-from dq.tools.convert_official_dqvae import save_converted
+from dq.official.dqvae import save_converted
 
 IMAGE_SIZE = 32
 CALIBRATION_IMAGES = {"train": 64, "eval": 16}

@@ -11,7 +11,7 @@ import pytest
 
 from bad_images import make_bad_folder, rgb
 from dq.data import stats
-from dq.train import checkpoint as ckpt
+from dq import checkpoint as ckpt
 from dq.train import vae_trainer
 from stage1_util import tiny_model_config
 from test_train_vae import tiny_config

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from dq.train import checkpoint as ckpt
+from dq import checkpoint as ckpt
 from dq.train import vae_trainer
 from test_train_vae import tiny_config
 

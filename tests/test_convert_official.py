@@ -24,7 +24,7 @@ import pytest
 from dq.models.build import build_dqvae, default_model_config
 from dq.models.dqvae import code_weight_mask
 from dq.tools import convert_official_dqvae as conv
-from dq.tools.torch_pickle import (OpaqueObject, TorchCheckpointError, load_torch_checkpoint,
+from dq.official.torch_pickle import (OpaqueObject, TorchCheckpointError, load_torch_checkpoint,
                                    load_torch_state_dict)
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"

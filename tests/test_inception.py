@@ -16,7 +16,7 @@ from conftest import fixture_path
 from dq.evaluation import fid
 from dq.evaluation import inception as inc
 from dq.evaluation import inception_weights
-from dq.tools import convert_inception
+from dq.evaluation import inception_convert as convert_inception
 
 POOL3_PARAMS = 21_802_784
 TORCH_BN_NAMES = {"beta": "bias", "mean": "running_mean", "var": "running_var"}

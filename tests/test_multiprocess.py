@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from cli_util import subprocess_env, tiny_vae_flags
-from dq.train.checkpoint import restore_params_from
+from dq.checkpoint import restore_params_from
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 CACHE_DIR = tempfile.mkdtemp(prefix="dq_multiprocess_cache_")  # the resumed pair reuses it

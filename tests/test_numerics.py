@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dq import sharding as sh
-from dq.train import checkpoint as ckpt
+from dq import checkpoint as ckpt
 from dq.train import loop
 from dq.train import vae_trainer
 from test_train_vae import tiny_config

@@ -14,7 +14,7 @@ import pytest
 from dq.models.build import build_dqvae, default_model_config
 from dq.models.dqvae import DQVAE, code_weight_mask
 from dq.models.router import merge_grains
-from dq.tools.convert_official_dqvae import convert_state_dict
+from dq.official.dqvae import convert_state_dict
 
 ATOL = 1e-4
 

@@ -36,7 +36,7 @@ from dq.configs import vae_base_config
 from dq.losses.vae_loss import vae_loss
 from dq.models.build import build_dqvae
 from dq.models.dqvae import DQVAE, code_weight_mask
-from dq.tools.convert_official_dqvae import convert_state_dict
+from dq.official.dqvae import convert_state_dict
 from test_parity_official import fixture_config, nhwc
 
 RTOL = 1e-4

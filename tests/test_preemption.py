@@ -18,7 +18,7 @@ import pytest
 
 from cli_util import subprocess_env, tiny_vae_flags
 from dq.train import transformer_trainer as tt
-from dq.train.checkpoint import restore_params_from
+from dq.checkpoint import restore_params_from
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 STEPS = 8

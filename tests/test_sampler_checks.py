@@ -12,8 +12,8 @@ from dq.models.build import build_dqvae
 from dq.stage2 import sampler as smp
 from dq.stage2.build import build_transformer
 from dq.stage2.tokens import TokenLayout
-from dq.tools.convert_official_dqvae import save_converted
-from dq.train import checkpoint as ckpt
+from dq.official.dqvae import save_converted
+from dq import checkpoint as ckpt
 from dq.train import transformer_step as ts
 from dq.train import transformer_trainer as tt
 from dq.train.loop import save_config

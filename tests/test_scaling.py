@@ -12,7 +12,7 @@ import pytest
 from dq import sharding as sh
 from dq.configs import tensor_parallel_rules
 from dq.models.build import build_dqvae
-from dq.train import checkpoint as ckpt
+from dq import checkpoint as ckpt
 from dq.train.optim import make_optimizer
 from dq.train.state import abstract_with_shardings
 from dq.train.vae_step import make_update_fn

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from dq.stage2 import stage1 as stage1_lib
+from dq import tokenizer as stage1_lib
 from dq.stage2 import token_data
 from dq.train import transformer_trainer as tt
 from stage1_util import make_tiny_stage1, tiny_data_config

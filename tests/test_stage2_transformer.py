@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import fixture_path
 
-from dq.stage2.convert_official import convert_stackgpt_state_dict
+from dq.official.transformer import convert_stackgpt_state_dict
 from dq.stage2.transformer import StackedTransformer, causal_attention, stackgpt_losses
 
 INPUT_NAMES = ("coarse_content", "fine_content", "coarse_position", "fine_position",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dq.data import embedded, pipeline
-from dq.stage2 import stage1 as stage1_lib
+from dq import tokenizer as stage1_lib
 from dq.stage2 import token_data
 from dq.stage2.tokens import TokenLayout, pack_tokens, unpack_tokens
 from stage1_util import make_tiny_stage1, tiny_data_config, tiny_model_config
@@ -99,7 +99,7 @@ def test_load_converted_folder(stage1, stage1_dir, data_cfg):
 def write_workdir(workdir, variables, model_cfg, stage="vae"):
   """A stage-1 workdir as vae_trainer leaves it: config.json + checkpoints/<step>/state."""
   from dq.configs import vae_base_config
-  from dq.train import checkpoint as ckpt
+  from dq import checkpoint as ckpt
   config = vae_base_config()
   config.stage = stage
   config.model = model_cfg

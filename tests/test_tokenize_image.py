@@ -10,7 +10,7 @@ from PIL import Image
 
 from dq import summaries as viz
 from dq.data import transforms
-from dq.stage2 import stage1 as stage1_lib
+from dq import tokenizer as stage1_lib
 from dq.tools import tokenize_image as tool
 from stage1_util import make_tiny_stage1
 

@@ -87,7 +87,7 @@ def test_batch_size_must_divide_devices(tmp_path):
 def test_init_from_converted_official_weights(tmp_path, official_dqvae):
   import ml_collections
   from dq.models.build import build_dqvae
-  from dq.tools import convert_official_dqvae as conv
+  from dq.official import dqvae as conv
   from dq.train.optim import make_optimizer
   from dq.train.state import abstract_with_shardings
   sd = {k[3:]: v for k, v in official_dqvae.items() if k.startswith("sd/")}

@@ -304,7 +304,7 @@ def test_stage1_workdir_without_a_checkpoint_is_named_as_stage1_path(tmp_path, d
   line = assert_fails(demo_transformer(demo_stage1), "config.stage1.path", demo_stage1,
                       "expected a stage-1 workdir with a saved checkpoint")
   assert "init_from" not in line
-  from dq.stage2 import stage1 as stage1_lib
+  from dq import tokenizer as stage1_lib
   with pytest.raises(FileNotFoundError) as error:  # the loader, used without the checks
     stage1_lib.load_stage1(demo_stage1)
   assert str(error.value).startswith("stage-1 DQ-VAE: no checkpoint under")

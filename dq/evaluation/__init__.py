@@ -3,7 +3,7 @@ precision-recall, reference statistics) and the FID jobs (`dq.evaluation.fid_job
 `reference`, `stage1`, `stage2`; `python -m dq.main --config=configs/fid_*.py`).
 
 The names below load their module on first use (PEP 562), so `import dq.evaluation.metrics`
-stays light and `dq.tools.convert_inception` (which the weight loader imports) can import
+stays light and `dq.evaluation.inception_convert` (which the weight loader imports) can import
 `dq.evaluation.inception` without a cycle.
 """
 import importlib

@@ -13,7 +13,7 @@ import pathlib
 import numpy as np
 
 from dq.evaluation.inception import unflatten_params
-from dq.tools.convert_inception import convert_source
+from dq.evaluation.inception_convert import convert_source
 from dq.weights import installed_package_file, locate_weights
 
 WEIGHTS_ENV = "DQ_INCEPTION_WEIGHTS"

@@ -8,6 +8,7 @@ regions to the fine grain. `python -m dq.tools.entropy_thresholds` writes them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Mapping
 
@@ -221,3 +222,38 @@ def write_thresholds_for_config(config: Any, output: str, num_images: int,
   }
   save_threshold_table(output, table, meta)
   return {**table, "meta": meta}
+
+
+def resolve_entropy_thresholds(config: Any, workdir: str) -> tuple[float, ...]:
+  """Thresholds for the entropy router (or the feature router's entropy warm-up teacher):
+  from `router.thresholds_path`, else computed once from the configured training data and
+  stored as `WORKDIR/entropy_thresholds.json`."""
+  from dq.models.router import needs_entropy_thresholds  # Deferred: imports flax.
+
+  router = config.model.router
+  if router.kind != "entropy" and not needs_entropy_thresholds(router):
+    return ()
+  path = router.thresholds_path
+  if not path:
+    path = os.path.join(workdir, "entropy_thresholds.json")
+    if not os.path.exists(path):
+      logging.info("Computing entropy thresholds from %d training images -> %s",
+                   router.threshold_images, path)
+      if jax.process_index() == 0:
+        write_thresholds_for_config(config, path, router.threshold_images, seed=config.seed)
+      else:
+        table = compute_entropy_thresholds(
+            config.data, patch_size=2 ** (len(config.model.ch_mult) - 1),
+            num_images=router.threshold_images, seed=config.seed)
+        return thresholds_from_table(table, router, config.model.num_grains)
+  table = load_threshold_table(path)
+  return thresholds_from_table(table, router, config.model.num_grains)
+
+
+def thresholds_from_table(table: Mapping[str, Any], router: Any, num_grains: int
+                          ) -> tuple[float, ...]:
+  """The router's thresholds for its `fine_ratio` (and `median_ratio`, triple grain)."""
+  if num_grains == 2:
+    return (float(threshold_for_ratio(table, router.fine_ratio)),)
+  return tuple(float(t) for t in thresholds_for_ratios(
+      table, router.median_ratio, router.fine_ratio))

@@ -7,7 +7,7 @@ grid, the baseline the paper compares against).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -19,6 +19,17 @@ from dq.models.layers import Dtype, group_norm, upsample_nearest
 
 ROUTER_NORMS = ("group", "layer", "none")
 GATE_GRADIENTS = ("official", "both")
+
+
+def needs_teacher(router_cfg: Any) -> bool:
+  """True when the feature router has a teacher (a warm-up or an imitation loss)."""
+  return router_cfg.kind == "feature" and (int(router_cfg.get("warmup_steps", 0)) > 0
+                                           or int(router_cfg.get("distill_steps", 0)) != 0)
+
+
+def needs_entropy_thresholds(router_cfg: Any) -> bool:
+  """True when the feature router's teacher is the entropy router (a threshold table)."""
+  return needs_teacher(router_cfg) and router_cfg.get("teacher", "entropy") == "entropy"
 
 
 class FeatureRouter(nn.Module):

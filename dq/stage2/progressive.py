@@ -131,7 +131,7 @@ def make_partial_decode_fn(stage1) -> Callable[[np.ndarray, np.ndarray], np.ndar
   """fn(codes int [N, hf, wf], known bool [N, hf, wf]) -> float32 [N, H, W, 3] in [-1, 1].
 
   Unknown cells get the mean codebook vector as latent; with every cell known this is the
-  stage-1 decode. `stage1` is a `dq.stage2.stage1.Stage1`.
+  stage-1 decode. `stage1` is a `dq.tokenizer.Stage1`.
   """
   model, variables = stage1.model, stage1.variables
 

@@ -25,11 +25,11 @@ import grain
 import numpy as np
 
 from dq.data import pipeline
-from dq.stage2.stage1 import Stage1, make_encode_fn
+from dq.tokenizer import Stage1, make_encode_fn
 from dq.stage2.tokens import TokenLayout, pack_tokens
 
 META_FILE = "meta.json"
-FINGERPRINT_FIELD = "stage1_fingerprint"  # dq.stage2.stage1.tokenizer_fingerprint
+FINGERPRINT_FIELD = "stage1_fingerprint"  # dq.tokenizer.tokenizer_fingerprint
 META_FORMAT = "dq-tokens/v1"
 LAYOUT_FIELDS = ("coarse_size", "fine_size", "codebook_size", "num_classes")
 RECORD_FIELDS = ("codes", "grain", "label")

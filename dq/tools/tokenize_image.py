@@ -90,7 +90,7 @@ def tokenize_image(path: str, stage1, out_dir: str, scale: Optional[int] = None,
 
   Args:
     path: an image file.
-    stage1: a loaded `dq.stage2.stage1.Stage1`.
+    stage1: a loaded `dq.tokenizer.Stage1`.
     out_dir: output folder (created).
     scale: PNG magnification; None: `default_scale(stage1.image_size)`.
     encode_fn, decode_fn: `make_encode_fn(stage1)` / `make_decode_fn(stage1)` to reuse.
@@ -102,7 +102,7 @@ def tokenize_image(path: str, stage1, out_dir: str, scale: Optional[int] = None,
   from dq import viz
   from dq.data import transforms
   from dq.evaluation import metrics
-  from dq.stage2 import stage1 as stage1_lib
+  from dq import tokenizer as stage1_lib
 
   size = stage1.image_size
   scale = default_scale(size) if scale is None else int(scale)
@@ -163,7 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--scale", type=int, default=None,
                       help="PNG magnification (default: enough for 256 px)")
   args = parser.parse_args(argv)
-  from dq.stage2 import stage1 as stage1_lib
+  from dq import tokenizer as stage1_lib
 
   try:
     stage1 = stage1_lib.load_stage1(args.checkpoint)

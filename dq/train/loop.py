@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dq import sharding as sh
-from dq.train import checkpoint as ckpt
+from dq import checkpoint as ckpt
 from dq.train.preemption import PreemptionWatch
 from dq.train.progress import Progress
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from dq.models.entropy import patch_entropy
-from dq.models.router import entropy_gate
+from dq.models.router import entropy_gate, needs_teacher
 
 TEACHERS = ("entropy", "detail")
 
@@ -35,17 +35,6 @@ def gumbel_temperature(router_cfg: Any, step: jax.Array) -> jax.Array:
     return jnp.asarray(t0, jnp.float32)
   progress = jnp.minimum(jnp.asarray(step, jnp.float32) / steps, 1.0)
   return jnp.asarray(t0, jnp.float32) * jnp.power(t1 / t0, progress)
-
-
-def needs_teacher(router_cfg: Any) -> bool:
-  """True when the feature router has a teacher (a warm-up or an imitation loss)."""
-  return router_cfg.kind == "feature" and (int(router_cfg.get("warmup_steps", 0)) > 0
-                                           or int(router_cfg.get("distill_steps", 0)) != 0)
-
-
-def needs_entropy_thresholds(router_cfg: Any) -> bool:
-  """True when the feature router's teacher is the entropy router (a threshold table)."""
-  return needs_teacher(router_cfg) and router_cfg.get("teacher", "entropy") == "entropy"
 
 
 def patch_detail(x: jax.Array, patch_size: int) -> jax.Array:

@@ -26,11 +26,11 @@ from dq.generator import (STAGE1_RECORD, check_stage1_of_run, load_stage1,  # no
                           make_layout, resolve_data_config)
 from dq.stage2 import progressive
 from dq.stage2 import sampler as sampling
-from dq.stage2 import stage1 as stage1_lib
+from dq import tokenizer as stage1_lib
 from dq.stage2 import token_data
 from dq.stage2.build import build_transformer
 from dq.stage2.tokens import TokenLayout
-from dq.train import checkpoint as ckpt
+from dq import checkpoint as ckpt
 from dq.train import throughput
 from dq.train.loop import TrainLoop, check_batch_size, guard_nonfinite
 from dq.train.state import abstract_with_shardings, sharded_init
@@ -158,7 +158,7 @@ def init_params_from(path: str, state: TransformerState, abstract: TransformerSt
   """Params of another stage-2 run (workdir or checkpoint folder) or of a folder written by
   `python -m dq.tools.convert_official_transformer`; step and optimizer fresh. A longer
   converted `pos_emb` (official block_size) is cut to this layout's length."""
-  from dq.tools import convert_official_transformer as convert
+  from dq.official import transformer as convert
   if os.path.isfile(os.path.join(path, convert.PARAMS_FILE)):
     params, _ = convert.load_converted_transformer(path)
     wanted = abstract.params["pos_emb"].shape[1]

@@ -19,52 +19,16 @@ from dq.summaries import plots, stats
 from dq.data import pipeline
 from dq.evaluation import vae_eval
 from dq.models.build import build_dqvae
-from dq.train import checkpoint as ckpt
+from dq.models.entropy import resolve_entropy_thresholds
+from dq.models.router import needs_entropy_thresholds
+from dq import checkpoint as ckpt
 from dq.train import throughput
 from dq.train.optim import make_optimizer
-from dq.train.router_control import needs_entropy_thresholds
 from dq.train.loop import TrainLoop, check_batch_size, guard_nonfinite, warn_codebook_collapse
 from dq.train.state import TrainState, abstract_with_shardings, sharded_init
 from dq.train.vae_step import make_reconstruct_fn, make_update_fn
 from dq.train.workdir import TrainingRun
 from dq.train.writers import create_writer
-
-
-def coarse_factor(model_cfg: Any) -> int:
-  return 2 ** (len(model_cfg.ch_mult) - 1)
-
-
-def resolve_entropy_thresholds(config: Any, workdir: str) -> tuple[float, ...]:
-  """Thresholds for the entropy router (or the feature router's entropy warm-up teacher):
-  from `router.thresholds_path`, else computed once from the configured training data and
-  stored as `WORKDIR/entropy_thresholds.json`."""
-  from dq.models import entropy
-  router = config.model.router
-  if router.kind != "entropy" and not needs_entropy_thresholds(router):
-    return ()
-  path = router.thresholds_path
-  if not path:
-    path = os.path.join(workdir, "entropy_thresholds.json")
-    if not os.path.exists(path):
-      logging.info("Computing entropy thresholds from %d training images -> %s",
-                   router.threshold_images, path)
-      if jax.process_index() == 0:
-        entropy.write_thresholds_for_config(config, path, router.threshold_images, seed=config.seed)
-      else:
-        table = entropy.compute_entropy_thresholds(
-            config.data, patch_size=coarse_factor(config.model),
-            num_images=router.threshold_images, seed=config.seed)
-        return _thresholds_from_table(table, router, config.model.num_grains)
-  table = entropy.load_threshold_table(path)
-  return _thresholds_from_table(table, router, config.model.num_grains)
-
-
-def _thresholds_from_table(table, router, num_grains) -> tuple[float, ...]:
-  from dq.models import entropy
-  if num_grains == 2:
-    return (float(entropy.threshold_for_ratio(table, router.fine_ratio)),)
-  return tuple(float(t) for t in entropy.thresholds_for_ratios(
-      table, router.median_ratio, router.fine_ratio))
 
 
 def build_model(config: Any, workdir: str):
@@ -117,7 +81,7 @@ def init_from(path: str, state: TrainState, abstract: TrainState,
   the step is the checkpoint's (for evaluation); otherwise training starts at 0."""
   step = state.step
   if os.path.isfile(os.path.join(path, "params.npz")):
-    from dq.tools.convert_official_dqvae import load_converted
+    from dq.official.dqvae import load_converted
     variables, _ = load_converted(path)
     loaded = {"params": variables["params"], "codebook": variables["codebook"]}
   else:

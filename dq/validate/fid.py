@@ -39,7 +39,7 @@ def _check_fid(c: Checker) -> None:
 def _check_fid_generator(c: Checker) -> Optional[str]:
   """`stage2.workdir` is a stage-2 run or a converted DQ-Transformer; returns the run's own
   stage-1 path ('' for a converted one, which needs `stage1.path`)."""
-  from dq.tools import convert_official_transformer as convert
+  from dq.official import transformer as convert
   workdir = c.get("stage2.workdir")
   if not workdir:
     c.fail("stage2.workdir", workdir, "expected a stage-2 workdir (python -m dq.main "

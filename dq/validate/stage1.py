@@ -119,7 +119,7 @@ def _check_vae_init_from(c: Checker) -> None:
                     "DQ-VAE folder")
   if not path or is_remote(path):
     return
-  from dq.tools import convert_official_dqvae as convert
+  from dq.official import dqvae as convert
   if os.path.isfile(os.path.join(path, convert.PARAMS_FILE)):
     config_path = os.path.join(path, convert.CONFIG_FILE)
     model = read_json(config_path) if os.path.isfile(config_path) else None

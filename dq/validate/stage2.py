@@ -16,14 +16,14 @@ THRESHOLDS_FILE = "entropy_thresholds.json"
 
 
 def read_stage1_model_config(path: str) -> tuple[dict, str]:
-  """(model config dict, folder) of the DQ-VAE at `path`, as `dq.stage2.stage1.load_stage1`
+  """(model config dict, folder) of the DQ-VAE at `path`, as `dq.tokenizer.load_stage1`
   finds it: a converted folder's model_config.json or a stage-1 workdir's config.json.
 
   Raises:
     FileNotFoundError: neither file is there.
     ValueError: the workdir is not a stage-1 run.
   """
-  from dq.tools import convert_official_dqvae as convert  # Deferred: only stage 2 needs it.
+  from dq.official import dqvae as convert  # Deferred: only stage 2 needs it.
   path = os.path.abspath(path)
   if os.path.isfile(os.path.join(path, convert.PARAMS_FILE)) or (
       os.path.isfile(path) and path.endswith(".npz")):
@@ -99,7 +99,7 @@ def _has_checkpoint(path: str, directory: str) -> bool:
   root = os.path.join(directory, "checkpoints")
   if os.path.abspath(path) not in (os.path.abspath(directory), os.path.abspath(root)):
     return True  # a converted folder or one checkpoints/STEP folder
-  from dq.tools import convert_official_dqvae as convert
+  from dq.official import dqvae as convert
   if os.path.isfile(os.path.join(directory, convert.PARAMS_FILE)):
     return True
   return os.path.isdir(root) and any(name.isdigit() and os.path.isdir(os.path.join(root, name))
@@ -214,7 +214,7 @@ def _check_transformer_init_from(c: Checker, layout: Any, num_classes: Optional[
   """`init_from` exists; a converted DQ-Transformer's vocabulary (codebook + special tokens +
   classes), grids and block size, or a stage-2 run's sizes, match this config."""
   from dq.stage2.tokens import TokenLayout
-  from dq.tools import convert_official_transformer as convert
+  from dq.official import transformer as convert
   path = c.existing("init_from", "any", "a stage-2 workdir, checkpoint folder or converted "
                     "DQ-Transformer folder")
   if not path or is_remote(path):
