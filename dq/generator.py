@@ -25,11 +25,11 @@ import numpy as np
 
 from dq.data import pipeline
 from dq.stage2 import sampler as sampling
-from dq.stage2 import stage1 as stage1_lib
+from dq import tokenizer as stage1_lib
 from dq.stage2.build import build_transformer, default_transformer_config
 from dq.stage2.tokens import TokenLayout, unpack_tokens_jax
 from dq.stage2.progressive import PACKED_FIELDS as PACKED_KEYS
-from dq.tools import convert_official_transformer as convert_transformer
+from dq.official import transformer as convert_transformer
 STAGE1_RECORD = "stage1.json"  # the DQ-VAE a stage-2 run trains on: path and fingerprint
 STAGE2_CONFIG = "config.json"
 
@@ -119,7 +119,7 @@ def restore_params(config: Any, workdir: str, abstract: Any,
   """(params, step, source) from the latest checkpoint in the workdir, else `init_from`; with
   `layout`, a checkpoint trained for another stage 1 or token layout is named as such, and with
   `stage1`, a run trained on another DQ-VAE of the same shapes (`check_stage1_of_run`)."""
-  from dq.train import checkpoint as ckpt  # Deferred: orbax is heavy.
+  from dq import checkpoint as ckpt  # Deferred: orbax is heavy.
   manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints, async_save=False)
   source = workdir if manager.latest_step() is not None else config.get("init_from")
   if not source:

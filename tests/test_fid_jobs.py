@@ -19,9 +19,9 @@ from dq.evaluation import fid_jobs
 from dq.evaluation import inception as inc
 from dq.evaluation.reference_stats import features_in_batches
 from dq.stage2.build import build_transformer
-from dq.stage2.stage1 import load_stage1
-from dq.tools import convert_official_transformer as convert_transformer
-from dq.train import checkpoint as ckpt
+from dq.tokenizer import load_stage1
+from dq.official import transformer as convert_transformer
+from dq import checkpoint as ckpt
 from dq.train import transformer_step as ts
 from dq.train import transformer_trainer as tt
 from stage1_util import make_tiny_stage1

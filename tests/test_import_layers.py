@@ -8,10 +8,11 @@ deferred ones inside functions. A module may import modules of its own layer or 
   layer | modules
   ------+-----------------------------------------------------------------------------------
     0   | dq, dq.weights, dq.sharding, dq.distributed, dq.checkpoint, dq.data.*, dq.models.*,
-        | dq.losses.*, dq.official.* (official-weight conversion), dq.stage2 (package) and its
-        | model modules dq.stage2.{transformer, tokens, progressive, build, sampler}
-    1   | tokenizer / generator: dq.tokenizer, dq.stage2.token_data
-    2   | dq.train.*, dq.evaluation.*, dq.validate.*, dq.viz, dq.configs
+        | dq.losses.*, dq.official.* (official-weight conversion), dq.summaries.* (pictures,
+        | statistics), dq.stage2 (package) and its model modules dq.stage2.{transformer,
+        | tokens, layout, losses, progressive, build, sampler, sampler_checks, token_data}
+    1   | tokenizer / generator: dq.tokenizer, dq.generator, dq.stage2.token_encoding
+    2   | dq.train.*, dq.evaluation.*, dq.validate.*, dq.configs
     3   | dq.main, dq.tools.* (entry points: leaves nothing in the library imports)
 
 `pkg.*` covers the package and every module under it; any other module must be named in
@@ -23,43 +24,23 @@ import ast
 import fnmatch
 import pathlib
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("dq", "dq.weights", "dq.sharding", "dq.distributed", "dq.checkpoint",
         "dq.data", "dq.data.*", "dq.models", "dq.models.*", "dq.losses", "dq.losses.*",
-        "dq.official", "dq.official.*",
-        "dq.stage2", "dq.stage2.transformer", "dq.stage2.tokens", "dq.stage2.progressive",
-        "dq.stage2.build", "dq.stage2.sampler"),
-    1: ("dq.tokenizer", "dq.stage2.token_data",
-        "dq.stage2.stage1"),  # temporary alias of dq.tokenizer (see _PENDING)
+        "dq.official", "dq.official.*", "dq.summaries", "dq.summaries.*",
+        "dq.stage2", "dq.stage2.transformer", "dq.stage2.tokens", "dq.stage2.layout",
+        "dq.stage2.losses", "dq.stage2.progressive", "dq.stage2.build", "dq.stage2.sampler",
+        "dq.stage2.sampler_checks", "dq.stage2.token_data"),
+    1: ("dq.tokenizer", "dq.generator", "dq.stage2.token_encoding"),
     2: ("dq.train", "dq.train.*", "dq.evaluation", "dq.evaluation.*", "dq.validate",
-        "dq.validate.*", "dq.viz", "dq.configs"),
+        "dq.validate.*", "dq.configs"),
     3: ("dq.main", "dq.tools", "dq.tools.*"),
 }
 ENTRY_POINTS = ("dq.main", "dq.tools", "dq.tools.*")  # may import tools and trainers
 LEAVES = ("dq.tools", "dq.tools.*", "dq.train.*_trainer")  # nothing in the library imports these
-
-# Known violations that involve files another branch is changing at the same time
-# (dq/evaluation/fid_jobs.py, dq/train/transformer_sample.py, dq/viz.py): (module, imported
-# module). Empty this list once those files are merged and fixed; an entry that no longer
-# occurs fails `test_pending_list_is_current`, so the list cannot go stale. The import cycles
-# through these edges (transformer_trainer <-> transformer_sample, and validate.checker ->
-# fid_jobs -> transformer_trainer -> workdir -> validate.checker) are not reported meanwhile.
-# dq.stage2.stage1 and dq.train.checkpoint are temporary aliases (sys.modules) of dq.tokenizer and
-# dq.checkpoint for exactly these importers: delete both modules with their entries.
-_PENDING: frozenset[tuple[str, str]] = frozenset({
-    ("dq.evaluation.fid_jobs", "dq.tools.convert_official_transformer"),  # -> dq.official
-    ("dq.evaluation.fid_jobs", "dq.train.transformer_trainer"),
-    ("dq.evaluation.fid_jobs", "dq.stage2.stage1"),  # -> dq.tokenizer
-    ("dq.train.transformer_sample", "dq.train.transformer_trainer"),
-    ("dq.train.transformer_sample", "dq.stage2.stage1"),  # -> dq.tokenizer
-    ("dq.train.transformer_sample", "dq.train.checkpoint"),  # -> dq.checkpoint
-    ("dq.stage2.progressive", "dq.viz"),  # layer 0 -> 2: to_uint8 / generation_strip
-})
-_ALIASES = {"dq.stage2.stage1": "dq.tokenizer", "dq.train.checkpoint": "dq.checkpoint"}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -132,8 +113,6 @@ def _violations(graph: dict[str, set[str]]) -> set[tuple[str, str, str]]:
       if not _matches(module, ENTRY_POINTS) and _matches(target, LEAVES):
         found.add((module, target, f"layer {a} -> layer {b}: the library imports a CLI tool or "
                                    "a trainer"))
-      if target in _ALIASES:
-        found.add((module, target, f"temporary alias: import {_ALIASES[target]}"))
   return found
 
 
@@ -196,33 +175,13 @@ def test_layer_map_covers_every_module():
 
 def test_imports_point_down_the_layers():
   graph = _graph()
-  bad = sorted(v for v in _violations(graph) if v[:2] not in _PENDING)
+  bad = sorted(_violations(graph))
   assert not bad, "imports against the layer rule:\n" + "\n".join(
       f"  {module} -> {target} ({why})" for module, target, why in bad)
 
 
 def test_no_import_cycles():
-  graph = {module: targets - {t for m, t in _PENDING if m == module}
-           for module, targets in _graph().items()}
+  graph = _graph()
   cycles = _cycles(graph)
   assert not cycles, "import cycles among dq modules:\n" + "\n".join(
       f"  {_cycle_path(c, graph)}" for c in cycles)
-
-
-def test_pending_list_is_current():
-  stale = sorted(_PENDING - {v[:2] for v in _violations(_graph())})
-  assert not stale, f"_PENDING entries that no longer occur (remove them): {stale}"
-  leftover = [alias for alias in _ALIASES if alias in _modules()
-              and not any(target == alias for _, target in _PENDING)]
-  assert not leftover, f"temporary aliases no longer imported (delete them): {leftover}"
-
-
-@pytest.mark.parametrize("module, target", [
-    ("dq.models.dqvae", "dq.train.loop"), ("dq.evaluation.fid", "dq.train.vae_trainer"),
-    ("dq.tokenizer", "dq.tools.tokenize_image"), ("dq.train.loop", "dq.stage2.stage1")])
-def test_rule_catches(module, target):
-  """The checks themselves: an upward import, a library import of a trainer or tool, an
-  import of a temporary alias, and a cycle are reported."""
-  assert {v[:2] for v in _violations({module: {target}})} == {(module, target)}
-  assert _cycles({"dq.a": {"dq.b"}, "dq.b": {"dq.c"}, "dq.c": {"dq.a"}}) == [
-      ["dq.a", "dq.b", "dq.c"]]

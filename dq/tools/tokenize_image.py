@@ -6,7 +6,7 @@ DIR is a dq stage-1 workdir (or one of its checkpoints) or a converted official 
 (`python -m dq.tools.convert_official_dqvae`); dual-grain models. Any size and mode of image
 is read (`dq.data.decode`), centre-cropped to a square and resized to the model's resolution
 (bicubic), as the eval pipeline does. For each image STEM, OUT gets:
-- STEM_grain.png: the adaptive coding map (`dq.viz.grain_overlay`: blue coarse, vermillion
+- STEM_grain.png: the adaptive coding map (`dq.summaries.grain_overlay`: blue coarse, vermillion
   fine, borders on every code's cell) on the resized input;
 - STEM_reconstruction.png: the DQ-VAE reconstruction;
 - STEM_grid.png: input | reconstruction | |error| | grain map;
@@ -99,7 +99,7 @@ def tokenize_image(path: str, stage1, out_dir: str, scale: Optional[int] = None,
   Returns:
     the JSON summary (with the paths written).
   """
-  from dq import viz
+  from dq import summaries as viz
   from dq.data import transforms
   from dq.evaluation import metrics
   from dq import tokenizer as stage1_lib

@@ -28,6 +28,7 @@ from dq.stage2 import progressive
 from dq.stage2 import sampler as sampling
 from dq import tokenizer as stage1_lib
 from dq.stage2 import token_data
+from dq.stage2 import token_encoding
 from dq.stage2.build import build_transformer
 from dq.stage2.tokens import TokenLayout
 from dq import checkpoint as ckpt
@@ -64,7 +65,7 @@ def encode_split(config: Any, stage1: stage1_lib.Stage1, data_cfg: Any, layout: 
                  out_dir: str, split: str) -> dict:
   """Encodes one split of `data_cfg` into token shards under `out_dir`."""
   logging.info("Encoding the %s split into token shards under %s", split, out_dir)
-  return token_data.encode_dataset(
+  return token_encoding.encode_dataset(
       stage1, data_cfg, out_dir, split=split, batch_size=config.tokens.encode_batch_size,
       shard_size=config.tokens.shard_size, flips=config.tokens.flip,
       max_images=config.tokens.max_images, num_classes=layout.num_classes)

@@ -24,7 +24,7 @@ from dq.evaluation import fid
 from dq.evaluation import inception as inc
 from dq.evaluation import metrics, vae_eval
 from dq.evaluation.evaluators import common
-from dq.stage2 import stage1 as stage1_lib
+from dq import tokenizer as stage1_lib
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
