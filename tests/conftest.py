@@ -44,3 +44,22 @@ def vae_run_4_steps(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("vae_run_4_steps") / "wd")
   vae_trainer.train_and_evaluate(tiny_config(4, checkpoint_every=2), path)
   return path
+
+
+def _tree_digest(path: str) -> dict[str, str]:
+  import hashlib
+  root = pathlib.Path(path)
+  return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+          for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_stage1_dir(tmp_path_factory):
+  """The tiny feature-router DQ-VAE of `stage1_util.make_tiny_stage1` (seed 0) as a converted
+  folder, built once per session. Tests read it; one that changes it fails at session end."""
+  from stage1_util import make_tiny_stage1
+  path = make_tiny_stage1(str(tmp_path_factory.mktemp("tiny_stage1")))
+  before = _tree_digest(path)
+  yield path
+  assert _tree_digest(path) == before, f"a test changed the shared tiny stage-1 folder {path}"
+

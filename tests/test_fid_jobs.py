@@ -24,7 +24,6 @@ from dq.official import transformer as convert_transformer
 from dq import checkpoint as ckpt
 from dq.train import transformer_step as ts
 from dq.train import transformer_trainer as tt
-from stage1_util import make_tiny_stage1
 from stage2_util import tiny_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -38,8 +37,8 @@ def inception_params():
 
 
 @pytest.fixture(scope="module")
-def stage1_dir(tmp_path_factory):
-  return make_tiny_stage1(str(tmp_path_factory.mktemp("stage1")))
+def stage1_dir(tiny_stage1_dir):
+  return tiny_stage1_dir
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from stage1_util import make_tiny_stage1
 
 COLAB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "colab")
 NOTEBOOKS = ("tokenize.ipynb", "generate.ipynb", "evaluate.ipynb")
@@ -84,8 +83,8 @@ def _outputs_text(notebook: nbformat.NotebookNode) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_stage1(tmp_path_factory):
-  return make_tiny_stage1(str(tmp_path_factory.mktemp("tiny_stage1")))
+def tiny_stage1(tiny_stage1_dir):
+  return tiny_stage1_dir
 
 
 @pytest.fixture(scope="module")

@@ -133,9 +133,8 @@ def test_sigterm_then_sigkill_in_save_then_resume_is_bitwise_exact(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def stage1_dir(tmp_path_factory):
-  from stage1_util import make_tiny_stage1
-  return make_tiny_stage1(str(tmp_path_factory.mktemp("stage1")))
+def stage1_dir(tiny_stage1_dir):
+  return tiny_stage1_dir
 
 
 def _stage2_config(stage1_dir, steps):

@@ -20,8 +20,8 @@ NUM_CLASSES = embedded.NUM_CLASSES
 
 
 @pytest.fixture(scope="module")
-def stage1_dir(tmp_path_factory):
-  return make_tiny_stage1(str(tmp_path_factory.mktemp("stage1")))
+def stage1_dir(tiny_stage1_dir):
+  return tiny_stage1_dir
 
 
 @pytest.fixture(scope="module")

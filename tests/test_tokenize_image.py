@@ -12,12 +12,11 @@ from dq import summaries as viz
 from dq.data import transforms
 from dq import tokenizer as stage1_lib
 from dq.tools import tokenize_image as tool
-from stage1_util import make_tiny_stage1
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-  return make_tiny_stage1(str(tmp_path_factory.mktemp("tiny_stage1")))
+def tiny_checkpoint(tiny_stage1_dir):
+  return tiny_stage1_dir
 
 
 def _write_images(folder) -> dict:

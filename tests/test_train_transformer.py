@@ -15,15 +15,14 @@ from dq.stage2.build import build_transformer
 from dq.stage2.tokens import TokenLayout
 from dq.train import transformer_step as ts
 from dq.train import transformer_trainer as tt
-from stage1_util import make_tiny_stage1
 from stage2_util import LAYOUT, random_batch, tiny_config, tiny_model_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 @pytest.fixture(scope="module")
-def stage1_dir(tmp_path_factory):
-  return make_tiny_stage1(str(tmp_path_factory.mktemp("stage1")))
+def stage1_dir(tiny_stage1_dir):
+  return tiny_stage1_dir
 
 
 class StepEnv:

@@ -334,11 +334,10 @@ def test_prefix_states_reject_bad_input():
 
 
 @pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-  from stage1_util import make_tiny_stage1
+def tiny_vae(tiny_stage1_dir):
   from dq import tokenizer as stage1_lib
 
-  return stage1_lib.load_stage1(make_tiny_stage1(str(tmp_path_factory.mktemp("tiny"))))
+  return stage1_lib.load_stage1(tiny_stage1_dir)
 
 
 def test_partial_decode_ignores_unknown_cells(tiny_vae):
