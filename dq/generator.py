@@ -26,12 +26,12 @@ import numpy as np
 from dq.data import pipeline
 from dq.stage2 import sampler as sampling
 from dq import tokenizer as stage1_lib
+from dq.run_files import WORKDIR_CONFIG
 from dq.stage2.build import build_transformer, default_transformer_config
 from dq.stage2.tokens import TokenLayout, unpack_tokens_jax
 from dq.stage2.progressive import PACKED_FIELDS as PACKED_KEYS
 from dq.official import transformer as convert_transformer
 STAGE1_RECORD = "stage1.json"  # the DQ-VAE a stage-2 run trains on: path and fingerprint
-STAGE2_CONFIG = "config.json"
 
 
 # --- the tokenizer of a run ----------------------------------------------------------------
@@ -201,10 +201,10 @@ def _load_converted(config: Any, path: str) -> Generator:
 
 def _load_workdir(config: Any, path: str) -> Generator:
   """A dq stage-2 workdir: its config.json and latest checkpoint (else its init_from)."""
-  config_path = os.path.join(path, STAGE2_CONFIG)
+  config_path = os.path.join(path, WORKDIR_CONFIG)
   if not os.path.isfile(config_path):
     raise FileNotFoundError(
-        f"config.stage2.workdir={path} has neither {STAGE2_CONFIG} (a stage-2 workdir) nor "
+        f"config.stage2.workdir={path} has neither {WORKDIR_CONFIG} (a stage-2 workdir) nor "
         f"{convert_transformer.CONFIG_FILE} (a converted official DQ-Transformer)")
   with open(config_path) as f:
     run = ml_collections.ConfigDict(json.load(f))

@@ -25,11 +25,11 @@ from dq.models.build import build_dqvae
 from dq.models.dqvae import DQVAE
 from dq.stage2.tokens import TokenLayout, pack_tokens_jax
 from dq.official import dqvae as convert
+from dq.run_files import WORKDIR_CONFIG, run_config_path
 
 THRESHOLDS_FILE = "entropy_thresholds.json"
 # Parameters that only decode: a DQ-VAE whose other weights are equal makes the same tokens.
 DECODE_ONLY_PARAMS = ("decoder", "post_quant_conv")
-WORKDIR_CONFIG = "config.json"
 STAGE1_HINT = ("train stage 1 first (python -m dq.main --config=configs/demo_vae.py "
                "--workdir=DIR) or convert official weights (python -m "
                "dq.tools.convert_official_dqvae)")
@@ -56,18 +56,12 @@ def _is_converted(path: str) -> bool:
 
 def _workdir_of(path: str) -> str:
   """The workdir holding config.json for a workdir, `.../checkpoints` or `.../checkpoints/N`."""
-  parent = os.path.dirname(path)
-  candidates = [path]
-  if os.path.basename(path) == "checkpoints":
-    candidates.append(parent)
-  elif os.path.basename(parent) == "checkpoints":
-    candidates.append(os.path.dirname(parent))
-  for candidate in candidates:
-    if os.path.isfile(os.path.join(candidate, WORKDIR_CONFIG)):
-      return candidate
-  raise FileNotFoundError(
-      f"{path} is neither a converted DQ-VAE folder (no {convert.PARAMS_FILE}) nor a stage-1 "
-      f"workdir (no {WORKDIR_CONFIG}); {STAGE1_HINT}")
+  config = run_config_path(path)
+  if config is None:
+    raise FileNotFoundError(
+        f"{path} is neither a converted DQ-VAE folder (no {convert.PARAMS_FILE}) nor a stage-1 "
+        f"workdir (no {WORKDIR_CONFIG}); {STAGE1_HINT}")
+  return os.path.dirname(config)
 
 
 def _model_config(model: dict) -> ml_collections.ConfigDict:

@@ -7,7 +7,8 @@ deferred ones inside functions. A module may import modules of its own layer or 
 
   layer | modules
   ------+-----------------------------------------------------------------------------------
-    0   | dq, dq.weights, dq.sharding, dq.distributed, dq.checkpoint, dq.data.*, dq.models.*,
+    0   | dq, dq.weights, dq.sharding, dq.distributed, dq.checkpoint, dq.run_files, dq.data.*,
+        | dq.models.*,
         | dq.losses.*, dq.official.* (official-weight conversion), dq.summaries.* (pictures,
         | statistics), dq.stage2 (package) and its model modules dq.stage2.{transformer,
         | tokens, layout, losses, progressive, build, sampler, sampler_checks, token_data}
@@ -28,7 +29,7 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 LAYERS: dict[int, tuple[str, ...]] = {
-    0: ("dq", "dq.weights", "dq.sharding", "dq.distributed", "dq.checkpoint",
+    0: ("dq", "dq.weights", "dq.sharding", "dq.distributed", "dq.checkpoint", "dq.run_files",
         "dq.data", "dq.data.*", "dq.models", "dq.models.*", "dq.losses", "dq.losses.*",
         "dq.official", "dq.official.*", "dq.summaries", "dq.summaries.*",
         "dq.stage2", "dq.stage2.transformer", "dq.stage2.tokens", "dq.stage2.layout",

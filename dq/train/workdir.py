@@ -27,7 +27,8 @@ from typing import Any, Iterator, Optional
 import jax
 
 from dq.train.preemption import PreemptionWatch, StopRequested
-from dq.validate.checker import WORKDIR_CONFIG, ConfigError
+from dq.run_files import WORKDIR_CONFIG
+from dq.validate.checker import ConfigError
 from dq.validate.resume import check_resume
 
 LOCK_FILE = "run.lock"

@@ -10,9 +10,11 @@ from typing import Any, Optional, Sequence
 import ml_collections
 import numpy as np
 
+from dq import run_files
+from dq.run_files import WORKDIR_CONFIG  # noqa: F401  (re-exported for dq.validate)
+
 STAGE_MODES = {"vae": ("train", "eval"), "transformer": ("train", "sample", "encode"),
                "fid": ("reference", "stage1", "stage2")}
-WORKDIR_CONFIG = "config.json"              # written by both trainers
 MAX_SHOWN = 120                             # characters of a non-string value shown
 
 
@@ -97,16 +99,7 @@ def read_json(path: str) -> dict:
 
 def run_config_path(path: str) -> Optional[str]:
   """config.json of a run given its workdir, `WORKDIR/checkpoints` or `.../checkpoints/N`."""
-  path = os.path.abspath(path)
-  candidates = [path]
-  if os.path.basename(path) == "checkpoints":
-    candidates.append(os.path.dirname(path))
-  elif os.path.basename(os.path.dirname(path)) == "checkpoints":
-    candidates.append(os.path.dirname(os.path.dirname(path)))
-  for candidate in candidates:
-    if os.path.isfile(os.path.join(candidate, WORKDIR_CONFIG)):
-      return os.path.join(candidate, WORKDIR_CONFIG)
-  return None
+  return run_files.run_config_path(os.path.abspath(path))
 
 
 class Checker:
