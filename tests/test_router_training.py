@@ -360,6 +360,8 @@ def _step_metrics_and_updates(tiny, benefit_weight):
 def test_benefit_loss_in_the_update_step(tiny):
   metrics0, updates0 = _step_metrics_and_updates(tiny, 0.0)
   metrics1, updates1 = _step_metrics_and_updates(tiny, 1.0)
+  assert tiny.cfg.router.kind == "feature"  # the budget's target is logged next to the ratio
+  np.testing.assert_allclose(metrics0["fine_ratio_target"], tiny.cfg.router.fine_ratio)
   assert "loss_router_benefit" not in metrics0
   benefit = float(metrics1["loss_router_benefit"])
   assert np.isfinite(benefit) and benefit > 0

@@ -280,6 +280,8 @@ def _apply_updates(spec: _StepSpec, state: TrainState, tx, disc_tx, schedule,
              **result["extra"], **result["code_metrics"]}
   metrics["grad_norm"] = optax.global_norm(grads)
   metrics["lr"] = schedule(state.step)
+  if spec.router_cfg.kind == "feature":  # the budget's target, logged next to the coded ratio
+    metrics["fine_ratio_target"] = jnp.float32(spec.router_cfg.fine_ratio)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             codebook=result["codebook"])
   if spec.use_gan:
