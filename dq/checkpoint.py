@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -257,6 +258,13 @@ def restore_params_from(path: str, field: str = "config.init_from") -> dict:
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
                         metadata, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
   return checkpointer.restore(state_dir, target)
+
+
+def matches_abstract(tree: Any, abstract: Any) -> bool:
+  """Whether restored or loaded arrays have the tree structure and leaf shapes of `abstract`
+  (e.g. `jax.eval_shape` of the model's init): the check before putting them in a train state."""
+  return jax.tree.structure(tree) == jax.tree.structure(abstract) and all(
+      np.shape(a) == b.shape for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(abstract)))
 
 
 def _has_item(manager, step, name) -> bool:

@@ -108,11 +108,6 @@ def abstract_params(model: Any, layout: TokenLayout) -> Any:
                                            method="forward_packed")["params"])
 
 
-def _matches(params: Any, abstract: Any) -> bool:
-  return jax.tree.structure(params) == jax.tree.structure(abstract) and all(
-      np.shape(a) == b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(abstract)))
-
-
 def restore_params(config: Any, workdir: str, abstract: Any,
                    layout: Optional[TokenLayout] = None,
                    stage1: Optional[stage1_lib.Stage1] = None) -> tuple[Any, int, str]:
@@ -132,7 +127,7 @@ def restore_params(config: Any, workdir: str, abstract: Any,
     sampling.check_checkpoint_matches_layout(params, layout, f"checkpoint {source}")
   if stage1 is not None:  # same shapes, other weights
     check_stage1_of_run(source, stage1)
-  if not _matches(params, abstract):
+  if not ckpt.matches_abstract(params, abstract):
     raise ValueError(f"checkpoint {source}: its parameters do not match config.model and the "
                      "token layout (different widths, depths, stage 1 or classes)")
   params = jax.tree.map(lambda a, b: np.asarray(a, b.dtype), params, abstract)
@@ -193,7 +188,8 @@ def _load_converted(config: Any, path: str) -> Generator:
   model_cfg.update({k: v for k, v in converted["model"].items() if k in model_cfg})
   model = build_transformer(model_cfg, layout)
   abstract = abstract_params(model, layout)
-  if not _matches(params, abstract):
+  from dq import checkpoint as ckpt  # Deferred: orbax is heavy.
+  if not ckpt.matches_abstract(params, abstract):
     raise ValueError(f"{path}: its parameters do not match the model its config describes")
   params = jax.tree.map(lambda a, b: np.asarray(a, b.dtype), params, abstract)
   return Generator(model, layout, params, 0, path, vae, "row")

@@ -167,9 +167,7 @@ def init_params_from(path: str, state: TransformerState, abstract: TransformerSt
       params["pos_emb"] = params["pos_emb"][:, :wanted]
   else:
     params = ckpt.restore_params_from(path)["params"]
-  if jax.tree.structure(params) != jax.tree.structure(abstract.params) or any(
-      np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(params),
-                                             jax.tree.leaves(abstract.params))):
+  if not ckpt.matches_abstract(params, abstract.params):
     raise ValueError(f"config.init_from={path}: its parameters do not match config.model and "
                      "the token layout (different widths, depths, stage 1 or classes)")
   params = jax.tree.map(lambda a, b: jax.device_put(np.asarray(a, b.dtype), b.sharding),

@@ -90,8 +90,7 @@ def init_from(path: str, state: TrainState, abstract: TrainState,
     if keep_step:
       step = jnp.asarray(restored["step"], jnp.int32)
   expected = {"params": abstract.params, "codebook": abstract.codebook}
-  if jax.tree.structure(loaded) != jax.tree.structure(expected) or any(
-      np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected))):
+  if not ckpt.matches_abstract(loaded, expected):
     raise ValueError(f"config.init_from={path}: its parameters do not match config.model "
                      "(different widths, levels or codebook); set the model fields to the "
                      "checkpoint's (a converted folder has them in model_config.json)")
