@@ -106,3 +106,15 @@ def test_failed_async_save_stops_the_run_and_the_previous_checkpoint_stays(
   assert _steps(workdir) == [2, 4]
   logged = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert 7 <= max(logged) <= 8  # found at the next step, at the latest before the next save
+
+
+def test_matches_abstract_checks_structure_and_shapes():
+  import jax
+  import numpy as np
+  abstract = {"a": jax.ShapeDtypeStruct((2, 3), np.float32),
+              "b": {"c": jax.ShapeDtypeStruct((4,), np.int32)}}
+  good = {"a": np.zeros((2, 3)), "b": {"c": np.zeros(4, np.int64)}}  # dtypes may differ
+  assert ckpt.matches_abstract(good, abstract)
+  assert not ckpt.matches_abstract({"a": np.zeros((3, 2)), "b": {"c": np.zeros(4)}}, abstract)
+  assert not ckpt.matches_abstract({"a": np.zeros((2, 3)), "b": {"d": np.zeros(4)}}, abstract)
+  assert not ckpt.matches_abstract({"a": np.zeros((2, 3))}, abstract)
