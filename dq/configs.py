@@ -184,6 +184,7 @@ def vae_base_config() -> ml_collections.ConfigDict:
       dead_code_warning=0.9))      # warn once when more of the codebook than this is dead
   config.eval = ml_collections.ConfigDict(dict(batch_size=32, at_end=True, max_images=0,
                                                lpips=True))
+  config.lock()  # a field that is not here is a typo: assigning it fails
   return config
 
 
@@ -283,6 +284,7 @@ def transformer_base_config() -> ml_collections.ConfigDict:
       out_dir="",                  # '': WORKDIR/samples
       **dataclasses.asdict(SamplingConfig())))
   config.sample.fine_order = config.tokens.get_ref("fine_order")  # follows the training order
+  config.lock()  # a field that is not here is a typo: assigning it fails
   return config
 
 
@@ -343,4 +345,5 @@ def fid_base_config() -> ml_collections.ConfigDict:
       labels="",                  # '': cycle over the classes (class-balanced)
       **dataclasses.asdict(SamplingConfig())))
   config.sample.fine_order = ""   # '': the stage-2 run's tokens.fine_order
+  config.lock()  # a field that is not here is a typo: assigning it fails
   return config

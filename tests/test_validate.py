@@ -23,11 +23,14 @@ CONFIG_DIR = REPO / "configs"
 
 
 def load_config(name, arg=None):
-  """`get_config(arg)` of configs/NAME, imported without config_flags."""
+  """`get_config(arg)` of configs/NAME, imported without config_flags, unlocked (these tests
+  put unknown keys in to see the checker name them; the base configs are locked)."""
   spec = importlib.util.spec_from_file_location("cfg", CONFIG_DIR / name)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  config = module.get_config(arg)
+  config.unlock()
+  return config
 
 
 def failures(config):
@@ -154,6 +157,24 @@ def test_shipped_configs_without_paths_fail_only_on_paths():
 
 
 # --- rule 1: unknown keys ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,arg", [("demo_vae.py", None), ("ffhq_vae.py", "tiny,triple"),
+                                      ("demo_transformer.py", "stage1=x"),
+                                      ("fid_demo.py", None)])
+def test_shipped_configs_are_locked_so_a_typo_fails_where_it_is_written(name, arg):
+  spec = importlib.util.spec_from_file_location("cfg", CONFIG_DIR / name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  with pytest.raises(AttributeError, match='Did you mean "mode"'):
+    config.mdoe = "eval"
+  with pytest.raises(AttributeError, match="cannot be added since the config is locked"):
+    config.data.imagesize = 32
+  config.data.image_size = 32      # existing fields keep their values' types and can change
+  assert config.data.image_size == 32
+  with pytest.raises(TypeError):
+    config.data.image_size = "large"
 
 
 def test_unknown_keys_are_named_with_the_closest_known_key():
