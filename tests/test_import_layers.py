@@ -7,7 +7,8 @@ deferred ones inside functions. A module may import modules of its own layer or 
 
   layer | modules
   ------+-----------------------------------------------------------------------------------
-    0   | dq, dq.weights, dq.sharding, dq.distributed, dq.checkpoint, dq.run_files, dq.data.*,
+    0   | dq, dq.weights, dq.sharding, dq.distributed, dq.checkpoint, dq.run_files, dq.fields,
+        | dq.data.*,
         | dq.models.*,
         | dq.losses.*, dq.official.* (official-weight conversion), dq.summaries.* (pictures,
         | statistics), dq.stage2 (package) and its model modules dq.stage2.{transformer,
@@ -30,6 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 LAYERS: dict[int, tuple[str, ...]] = {
     0: ("dq", "dq.weights", "dq.sharding", "dq.distributed", "dq.checkpoint", "dq.run_files",
+        "dq.fields",
         "dq.data", "dq.data.*", "dq.models", "dq.models.*", "dq.losses", "dq.losses.*",
         "dq.official", "dq.official.*", "dq.summaries", "dq.summaries.*",
         "dq.stage2", "dq.stage2.transformer", "dq.stage2.tokens", "dq.stage2.layout",

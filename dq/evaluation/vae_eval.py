@@ -14,6 +14,7 @@ from dq import sharding as sh
 from dq.data.embedded import PHOTO_LABEL
 from dq.data.pipeline import detail_mask_available, make_dataset
 from dq.evaluation import detail, metrics
+from dq.models.grains import fine_fraction
 
 
 def grain_costs(num_grains: int) -> np.ndarray:
@@ -102,7 +103,7 @@ def evaluate_vae(model, variables: Any, data_cfg: Any, *, mesh, batch_size: int,
     result["router_undecided"] = float((cat["router_margin"] < 1.0).mean())
   if per_image:
     grain = cat["grain"]  # [N, hc, wc]
-    result["fine_ratio_per_image"] = (grain == num_grains - 1).reshape(len(grain), -1).mean(1)
+    result["fine_ratio_per_image"] = fine_fraction(grain, num_grains, per_image=True)
   return result
 
 
@@ -110,7 +111,7 @@ def summarize(cat: dict, *, num_grains: int, codebook_size: int,
               with_detail_mask: bool) -> dict:
   grain = cat["grain"]                                   # [N, hc, wc]
   regions = grain.shape[1] * grain.shape[2]
-  fine = (grain == num_grains - 1).reshape(len(grain), -1).mean(1)
+  fine = fine_fraction(grain, num_grains, per_image=True)
   costs = grain_costs(num_grains)[grain].reshape(len(grain), -1).sum(1)
   result = {
       "num_images": int(len(grain)),

@@ -20,8 +20,14 @@ Every function takes a one-hot (hard, straight-through) gate or soft gate probab
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+
+from dq import fields
+from dq.models.grains import GrainTargets
 
 
 def _check_gate(gate: jax.Array, num_grains: int | None = None) -> None:
@@ -85,3 +91,48 @@ def budget_loss_triple(gate: jax.Array, target_median: float, target_fine: float
     return gamma * (jnp.square(grain_ratio(gate, 1) - target_median)
                     + jnp.square(grain_ratio(gate, 2) - target_fine))
   raise ValueError(f"triple budget form must be one of {TRIPLE_FORMS}; got {form!r}")
+
+
+BUDGET_ON = ("hard", "expected")
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetLoss:
+  """The feature router's budget term with its fields (`config.loss.budget_*`) and targets
+  (`model.router.fine_ratio` / `median_ratio`, see `dq.models.grains`), checked on creation.
+
+  on: 'hard' (the paper: the budget of the sampled straight-through gate) or 'expected' (of
+  `softmax(logits)`, free of Gumbel noise); triple_form: 'official' | 'fractions';
+  calculate_all: the official dual-grain doubling (see the module docstring).
+  """
+  targets: GrainTargets
+  gamma: float = 10.0
+  calculate_all: bool = True
+  on: str = "hard"
+  triple_form: str = "official"
+
+  def __post_init__(self):
+    fields.choice("loss.budget_on", self.on, BUDGET_ON)
+    fields.choice("loss.budget_triple", self.triple_form, TRIPLE_FORMS)
+    object.__setattr__(self, "gamma", fields.number("loss.budget_gamma", self.gamma, low=0.0))
+
+  @classmethod
+  def from_config(cls, loss_cfg: Any, targets: GrainTargets) -> "BudgetLoss":
+    """From the `loss` section's budget fields and the router's grain targets
+    (`GrainTargets.from_router(config.model.router, num_grains)`)."""
+    return cls(targets=targets, gamma=loss_cfg.budget_gamma,
+               calculate_all=bool(loss_cfg.budget_calculate_all),
+               on=loss_cfg.get("budget_on", "hard"),
+               triple_form=loss_cfg.get("budget_triple", "official"))
+
+  def __call__(self, outputs: dict) -> jax.Array:
+    """The loss for a DQVAE output dict (its `gate`, or `gate_logits` when on='expected')."""
+    if self.on == "hard":
+      gate = outputs["gate"]
+    else:
+      gate = jax.nn.softmax(outputs["gate_logits"].astype(jnp.float32), axis=-1)
+    if self.targets.num_grains == 2:
+      return budget_loss(gate, self.targets.fine, gamma=self.gamma,
+                         calculate_all=self.calculate_all)
+    return budget_loss_triple(gate, self.targets.median, self.targets.fine, gamma=self.gamma,
+                              form=self.triple_form)

@@ -4,9 +4,8 @@ Terms: L1 reconstruction, LPIPS perceptual (when `perceptual_weight > 0`), codeb
 (commitment) loss, budget loss (feature router only: the entropy router has no learnable gate)
 and, during a router warm-up, the router's imitation (distillation) loss.
 
-Router loss fields (`config.loss`): `budget_on` 'hard' (the paper: the budget of the sampled
-straight-through gate) or 'expected' (of `softmax(logits)`: the expected ratio, free of Gumbel
-noise); `budget_triple` 'official' | 'fractions' (see `dq.losses.budget`);
+Router loss fields (`config.loss`): the budget's `budget_gamma`, `budget_calculate_all`,
+`budget_on`, `budget_triple` (`dq.losses.budget.BudgetLoss`, which owns and checks them);
 `router_distill_weight` (cross-entropy of the router's logits against the warm-up teacher's
 gate, while the teacher routes).
 The adversarial term is added by the train step (`dq/train/vae_step.py`), which needs the
@@ -19,9 +18,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from dq.losses.budget import budget_loss, budget_loss_triple
-
-BUDGET_ON = ("hard", "expected")
+from dq.losses.budget import BudgetLoss
+from dq.models.grains import GrainTargets
 
 
 def l1_loss(x: jnp.ndarray, xrec: jnp.ndarray) -> jnp.ndarray:
@@ -40,20 +38,10 @@ def reconstruction_loss(x: jnp.ndarray, xrec: jnp.ndarray, loss_cfg: Any,
 
 
 def router_budget(outputs: dict, loss_cfg: Any, router_cfg: Any, num_grains: int) -> jnp.ndarray:
-  """The budget loss of the feature router on the hard gate or the expected (soft) one."""
-  budget_on = loss_cfg.get("budget_on", "hard")
-  if budget_on == "hard":
-    gate = outputs["gate"]
-  elif budget_on == "expected":
-    gate = jax.nn.softmax(outputs["gate_logits"].astype(jnp.float32), axis=-1)
-  else:
-    raise ValueError(f"config.loss.budget_on={budget_on!r}: expected one of {BUDGET_ON}")
-  if num_grains == 2:
-    return budget_loss(gate, router_cfg.fine_ratio, gamma=loss_cfg.budget_gamma,
-                       calculate_all=loss_cfg.budget_calculate_all)
-  return budget_loss_triple(gate, router_cfg.median_ratio, router_cfg.fine_ratio,
-                            gamma=loss_cfg.budget_gamma,
-                            form=loss_cfg.get("budget_triple", "official"))
+  """The budget loss of the feature router on the hard gate or the expected (soft) one
+  (`dq.losses.budget.BudgetLoss` from the config sections)."""
+  targets = GrainTargets.from_router(router_cfg, num_grains)
+  return BudgetLoss.from_config(loss_cfg, targets)(outputs)
 
 
 def distill_loss(logits: jnp.ndarray, teacher_gate: jnp.ndarray) -> jnp.ndarray:

@@ -8,6 +8,7 @@ import ml_collections
 
 from dq.models.decoder import POSITION_TYPES
 from dq.models.dqvae import DQVAE, ROUTER_KINDS, TRAIN_GATES
+from dq.models.grains import GrainTargets
 from dq.models.router import GATE_GRADIENTS, ROUTER_NORMS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -60,33 +61,13 @@ def _check_widths(field: str, base: int, mults: tuple[int, ...], groups: int) ->
             f"(mults {mults})")
 
 
-def fixed_router_grain(router: Any, num_grains: int) -> int:
-  """The grain of every region for `router.kind == 'fixed'`, read from the grain targets.
-
-  Dual grain: `fine_ratio` 0.0 (all coarse, grain 0) or 1.0 (all fine, grain 1). Triple grain:
-  (`median_ratio`, `fine_ratio`) = (0, 0) coarse, (1, 0) median or (0, 1) fine.
-  """
-  fine = float(router.fine_ratio)
-  median = float(router.get("median_ratio", 0.0)) if num_grains == 3 else 0.0
-  grains = {(0.0, 0.0): 0, (0.0, 1.0): num_grains - 1}
-  if num_grains == 3:
-    grains[(1.0, 0.0)] = 1
-  if (median, fine) not in grains:
-    expected = ("fine_ratio 0.0 (every region coarse) or 1.0 (every region fine)" if
-                num_grains == 2 else "(median_ratio, fine_ratio) = (0, 0) coarse, (1, 0) median "
-                "or (0, 1) fine")
-    _fail("router.fine_ratio", (median, fine) if num_grains == 3 else fine,
-          f"the fixed router codes every region at one grain: expected {expected}")
-  return grains[(median, fine)]
-
-
 def build_dqvae(model_cfg: Any, entropy_thresholds: tuple = ()) -> DQVAE:
   """Validates `model_cfg` (see `default_model_config`) and returns the DQVAE module.
 
   `entropy_thresholds` are required for `router.kind == 'entropy'`: (t,) for dual grain,
   (t_median, t_fine) for triple grain; they are ignored by the other routers.
   `router.kind == 'fixed'` codes every region at one grain, chosen by the grain targets (see
-  `fixed_router_grain`): a fixed-length VQ grid with the DQ-VAE's layers.
+  `dq.models.grains.GrainTargets.fixed_grain`): a fixed-length VQ grid with the DQ-VAE's layers.
   """
   cfg = model_cfg
   num_grains = int(cfg.num_grains)
@@ -117,7 +98,8 @@ def build_dqvae(model_cfg: Any, entropy_thresholds: tuple = ()) -> DQVAE:
     if len(thresholds) != num_grains - 1:
       raise ValueError(f"entropy_thresholds {thresholds}: {num_grains} grains need "
                        f"{num_grains - 1} thresholds")
-  fixed_grain = fixed_router_grain(router, num_grains) if router.kind == "fixed" else 0
+  targets = GrainTargets.from_router(router, num_grains)  # checks fine_ratio / median_ratio
+  fixed_grain = targets.fixed_grain if router.kind == "fixed" else 0
   for field, value, choices in (("router.norm", router.get("norm", "group"), ROUTER_NORMS),
                                 ("router.gate_gradient", router.get("gate_gradient", "both"),
                                  GATE_GRADIENTS),

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dq.models.grains import GrainTargets
+
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 EPSILON = 1e-40
 TABLE_FORMAT = "dq-entropy-thresholds/v1"
@@ -252,8 +254,9 @@ def resolve_entropy_thresholds(config: Any, workdir: str) -> tuple[float, ...]:
 
 def thresholds_from_table(table: Mapping[str, Any], router: Any, num_grains: int
                           ) -> tuple[float, ...]:
-  """The router's thresholds for its `fine_ratio` (and `median_ratio`, triple grain)."""
+  """The router's thresholds for its grain targets (`fine_ratio`, and `median_ratio` for
+  triple grain; `dq.models.grains.GrainTargets`)."""
+  targets = GrainTargets.from_router(router, num_grains)
   if num_grains == 2:
-    return (float(threshold_for_ratio(table, router.fine_ratio)),)
-  return tuple(float(t) for t in thresholds_for_ratios(
-      table, router.median_ratio, router.fine_ratio))
+    return (float(threshold_for_ratio(table, targets.fine)),)
+  return tuple(float(t) for t in thresholds_for_ratios(table, targets.median, targets.fine))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dq.models.grains import fine_fraction
 from dq.summaries.images import GRAIN_COLOURS
 
 
@@ -28,8 +29,7 @@ def codes_per_image(grain: np.ndarray, num_grains: int) -> np.ndarray:
 
 def fine_ratios(grain: np.ndarray, num_grains: int) -> np.ndarray:
   """Fraction of regions at the finest grain per image: grain [B, h, w] -> float64 [B]."""
-  grain = check_grain(grain, num_grains)
-  return (grain == num_grains - 1).reshape(len(grain), -1).mean(axis=1)
+  return fine_fraction(check_grain(grain, num_grains), num_grains, per_image=True)
 
 
 def code_counts(codes: np.ndarray, grain: np.ndarray, codebook_size: int,

@@ -102,6 +102,7 @@ def tokenize_image(path: str, stage1, out_dir: str, scale: Optional[int] = None,
   from dq import summaries as viz
   from dq.data import transforms
   from dq.evaluation import metrics
+  from dq.models.grains import fine_fraction
   from dq import tokenizer as stage1_lib
 
   size = stage1.image_size
@@ -137,7 +138,7 @@ def tokenize_image(path: str, stage1, out_dir: str, scale: Optional[int] = None,
       "num_grains": num_grains,
       "regions": regions,
       "fine_regions": fine_regions,
-      "fine_ratio": fine_regions / regions,
+      "fine_ratio": float(fine_fraction(grain, num_grains)),
       "num_tokens": int(viz.codes_per_image(grain, num_grains)[0]),
       "sequence_length": layout.sequence_length(fine_regions),
       "coarse_grid_tokens": layout.num_coarse_cells,

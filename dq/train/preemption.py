@@ -12,6 +12,11 @@ agrees on a step with all of them. Signal handlers are then left to JAX.
 Outside the train loop (setup, the final evaluation) there is no step to finish: inside
 `watch.phase(name)` a stop signal raises `StopRequested` at once, and the trainer reports what
 was skipped and exits 0 (see `dq.train.workdir.TrainingRun`).
+
+Why not orbax's helper: `CheckpointManager.reached_preemption(step)` (orbax-checkpoint 0.12) is
+`multihost_utils.reached_preemption_sync_point` with a RuntimeError (preemption service off)
+read as "no": the multi-process branch here, nothing more. It has no single-process signal
+handling and no stop outside the train loop, which are most of what this module does.
 """
 from __future__ import annotations
 

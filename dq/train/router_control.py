@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from dq.models.entropy import patch_entropy
+from dq.models.grains import GrainTargets
 from dq.models.router import entropy_gate, needs_teacher
 
 TEACHERS = ("entropy", "detail")
@@ -73,8 +74,9 @@ def teacher_gate(router_cfg: Any, x: jax.Array, teacher_thresholds: Sequence[flo
                        "router's thresholds (make_update_fn(..., teacher_thresholds=...))")
     return entropy_gate(patch_entropy(x, patch_size), teacher_thresholds)
   if teacher == "detail":
-    return top_fraction_gate(patch_detail(x, patch_size), float(router_cfg.fine_ratio),
-                             float(router_cfg.get("median_ratio", 0.0)), num_grains)
+    targets = GrainTargets.from_router(router_cfg, num_grains)
+    return top_fraction_gate(patch_detail(x, patch_size), targets.fine, targets.median,
+                             num_grains)
   raise ValueError(f"model.router.teacher={teacher!r}: expected one of {TEACHERS}")
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from dq import generator as gen
 from dq.summaries import images as pictures
 from dq.summaries.png import save_png
+from dq.models.grains import fine_fraction
 from dq.generator import make_generate_fn, restore_params, sample_labels  # noqa: F401
 from dq.stage2 import progressive
 from dq.stage2 import sampler as sampling
@@ -62,7 +63,7 @@ def write_sample_grid(writer, generate, decode_partial, params, config, layout, 
   labels = sample_labels(config, layout, count)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.sample.seed), step)
   out = generate(params, rng, count if labels is None else labels)
-  fine = float(np.mean(out["grain"]))
+  fine = float(fine_fraction(np.asarray(out["grain"]), NUM_GRAINS))
   writer.write_scalars(step, {"sample/fine_ratio": fine,
                               "sample/length": float(np.mean(out["length"]))})
   strip = progressive.generation_strip(packed_of(out), layout, decode_partial, max_images=4,

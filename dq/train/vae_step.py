@@ -16,6 +16,8 @@ import optax
 
 from dq import sharding as sh
 from dq.losses import gan
+from dq.losses.budget import BudgetLoss
+from dq.models.grains import GrainTargets
 from dq.losses.vae_loss import distill_loss, reconstruction_loss, vae_loss
 from dq.models.dqvae import DECODER_LAST_LAYER
 from dq.train.router_control import benefit_target, router_steering
@@ -51,6 +53,7 @@ class _StepSpec:
   patch_size: int  # the coarsest factor (the entropy teacher's patch)
   use_gan: bool
   use_benefit: bool
+  budget: BudgetLoss | None  # the feature router's budget (its fields checked at build time)
 
   @property
   def disc_kind(self) -> str:
@@ -104,7 +107,9 @@ def make_update_fn(model, tx: optax.GradientTransformation, schedule, *, loss_cf
       activation_sharding=activation_sharding, teacher_thresholds=teacher_thresholds,
       patch_size=2 ** (len(model.ch_mult) - 1),
       use_gan=discriminator is not None and loss_cfg.get("disc_weight", 0.0) > 0,
-      use_benefit=use_benefit)
+      use_benefit=use_benefit,
+      budget=BudgetLoss.from_config(loss_cfg, GrainTargets.from_router(router_cfg, num_grains))
+      if router_cfg.kind == "feature" else None)
 
   def update_fn(state: TrainState, batch: dict, frozen: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
@@ -197,7 +202,7 @@ class _StepLosses:
         train=True, rngs=rngs, route_gate=1.0 - gate, use_route_gate=True,
         temperature=steer.get("temperature"))["xrec"]
     target, _ = benefit_target(x, outputs["xrec"], jax.lax.stop_gradient(flipped),
-                               outputs["grain"], spec.router_cfg.fine_ratio, spec.patch_size)
+                               outputs["grain"], spec.budget.targets.fine, spec.patch_size)
     terms = {**terms, "router_benefit": distill_loss(outputs["gate_logits"], target)}
     return loss + spec.loss_cfg.router_benefit_weight * terms["router_benefit"], terms
 
@@ -280,8 +285,8 @@ def _apply_updates(spec: _StepSpec, state: TrainState, tx, disc_tx, schedule,
              **result["extra"], **result["code_metrics"]}
   metrics["grad_norm"] = optax.global_norm(grads)
   metrics["lr"] = schedule(state.step)
-  if spec.router_cfg.kind == "feature":  # the budget's target, logged next to the coded ratio
-    metrics["fine_ratio_target"] = jnp.float32(spec.router_cfg.fine_ratio)
+  if spec.budget is not None:  # the budget's target, logged next to the coded ratio
+    metrics["fine_ratio_target"] = jnp.float32(spec.budget.targets.fine)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             codebook=result["codebook"])
   if spec.use_gan:

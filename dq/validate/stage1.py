@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
-from dq.losses.budget import TRIPLE_FORMS
+from dq.losses.budget import BudgetLoss
 from dq.losses.gan import DISC_LOSSES
-from dq.losses.vae_loss import BUDGET_ON
+from dq.fields import FieldError
+from dq.models.grains import GrainTargets
 from dq.validate.checker import (Checker, is_int, is_remote, one_line, plain, read_json,
                                  run_config_path, show)
 from dq.validate.common import (check_data, check_mesh_and_batches, check_optim, check_sharding,
@@ -19,6 +20,16 @@ VAE_SHAPE_FIELDS = ("resolution", "ch", "ch_mult", "num_res_blocks", "attn_resol
                     "position_type")
 
 
+def _section_check(c: Checker, build):
+  """Runs a section's own check (building the dataclass of the code that reads the fields)
+  and returns what it built; its FieldError becomes a failure line (then None)."""
+  try:
+    return build()
+  except FieldError as e:
+    c.fail(e.field, e.value, e.expectation)
+    return None
+
+
 def _check_vae_model(c: Checker) -> None:
   """Rules 2 and 3 for `config.model`, then `build_dqvae` for the remaining field checks."""
   from dq.models.build import build_dqvae
@@ -26,12 +37,11 @@ def _check_vae_model(c: Checker) -> None:
   before = len(c.failures)
   num_grains = c.choice("model.num_grains", (2, 3))
   kind = c.choice("model.router.kind", ROUTER_KINDS)
-  fine_ratio = c.number("model.router.fine_ratio", 0.0, 1.0)
-  if num_grains == 3:
-    median_ratio = c.number("model.router.median_ratio", 0.0, 1.0)
-    if fine_ratio is not None and median_ratio is not None and median_ratio + fine_ratio > 1:
-      c.fail("model.router.median_ratio", median_ratio, f"expected median_ratio + fine_ratio "
-             f"<= 1 (fine_ratio {fine_ratio}; the rest is coarse)")
+  router = c.get("model.router")
+  targets = (_section_check(c, lambda: GrainTargets.from_router(router, num_grains or 2))
+             or GrainTargets(0.0, num_grains=num_grains or 2))  # (budget fields checked anyway)
+  if kind == "fixed":
+    _section_check(c, lambda: targets.fixed_grain)
   c.number("model.router.gumbel_temperature", low=0.0, low_open=True)
   c.existing("model.router.thresholds_path", "file", "an entropy threshold table of "
              "python -m dq.tools.entropy_thresholds")
@@ -44,8 +54,7 @@ def _check_vae_model(c: Checker) -> None:
     c.integer("model.router.threshold_images", 1)
   c.integer("model.router.temperature_steps", 0)
   c.number("model.router.gumbel_temperature_end", low=0.0, low_open=True)
-  c.choice("loss.budget_on", BUDGET_ON)
-  c.choice("loss.budget_triple", TRIPLE_FORMS)
+  _section_check(c, lambda: BudgetLoss.from_config(c.get("loss"), targets))
   c.number("loss.router_distill_weight", low=0.0)
   benefit = c.number("loss.router_benefit_weight", low=0.0)
   if benefit and num_grains == 3:
@@ -100,7 +109,7 @@ def _check_vae_model(c: Checker) -> None:
 def _check_vae_misc(c: Checker) -> None:
   """Loss weights, GAN settings, eval fields (rule 7) and the LPIPS weights path (rule 6)."""
   for field in ("l1_weight", "codebook_weight", "budget_weight", "perceptual_weight",
-                "disc_weight", "budget_gamma"):
+                "disc_weight"):  # budget_gamma: BudgetLoss (_check_vae_model)
     c.number(f"loss.{field}", low=0.0)
   c.number("loss.adaptive_weight_max", low=0.0, low_open=True)
   c.integer("loss.disc_start", 0)

@@ -30,6 +30,7 @@ from dq import generator as gen
 from dq.evaluation import fid
 from dq.evaluation import inception as inc
 from dq.evaluation.evaluators import common, reference
+from dq.models.grains import fine_fraction
 from dq.stage2 import sampler as sampling
 from dq.stage2.tokens import TokenLayout, unpack_tokens_jax
 from dq.train.progress import Progress
@@ -160,7 +161,8 @@ def run(config: Any, workdir: str, inception_params: Optional[inc.Params] = None
   results = {
       "fid": common.fid_to_reference(features, reference_mu, reference_sigma),
       "num_images": int(len(all_features)),
-      "fine_ratio": float(np.mean(np.concatenate(common.gather_rows(local["grain"])))),
+      "fine_ratio": float(fine_fraction(np.concatenate(common.gather_rows(local["grain"])),
+                                        num_grains=2)),  # token layouts are dual grain
       "mean_length": float(np.mean(np.concatenate(common.gather_rows(local["length"])))),
       "checkpoint_step": generator.step, "stage2": generator.source,
       "reference": ref_path, "images_per_sec": len(share) / max(seconds, 1e-9),

@@ -1,0 +1,114 @@
+"""Grain targets, the one grain-map fine fraction, and the budget loss owning its fields:
+each section's check runs where the code reads the values (build_dqvae, the stage-1 step),
+with the message dq.validate prints."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from dq.fields import FieldError
+from dq.losses.budget import BudgetLoss, budget_loss, budget_loss_triple
+from dq.models.build import build_dqvae, default_model_config
+from dq.models.grains import GrainTargets, fine_fraction
+
+
+@pytest.mark.parametrize("kwargs,field,expectation", [
+    (dict(fine=1.5), "model.router.fine_ratio", "expected a number [0.0, 1.0]"),
+    (dict(fine=float("nan")), "model.router.fine_ratio", "expected a number [0.0, 1.0]"),
+    (dict(fine="0.5"), "model.router.fine_ratio", "expected a number [0.0, 1.0]"),
+    (dict(fine=True), "model.router.fine_ratio", "expected a number [0.0, 1.0]"),
+    (dict(fine=0.5, median=-0.1, num_grains=3), "model.router.median_ratio",
+     "expected a number [0.0, 1.0]"),
+    (dict(fine=0.5, median=0.6, num_grains=3), "model.router.median_ratio",
+     "expected median_ratio + fine_ratio <= 1 (fine_ratio 0.5; the rest is coarse)"),
+    (dict(fine=0.5, num_grains=4), "model.num_grains", "expected one of (2, 3)")])
+def test_grain_targets_name_the_field(kwargs, field, expectation):
+  with pytest.raises(FieldError) as info:
+    GrainTargets(**kwargs)
+  assert (info.value.field, info.value.expectation) == (field, expectation)
+  assert str(info.value).startswith(f"config.{field} = ")
+
+
+def test_grain_targets_ignore_median_for_dual_grain():
+  router = ml_collections.ConfigDict(dict(fine_ratio=0.25, median_ratio=0.9))
+  assert GrainTargets.from_router(router, 2) == GrainTargets(0.25, 0.0, 2)
+  assert GrainTargets.from_router(router, 2).median == 0.0
+  with pytest.raises(FieldError, match="median_ratio \\+ fine_ratio <= 1"):
+    GrainTargets.from_router(router, 3)
+
+
+@pytest.mark.parametrize("num_grains,median,fine,grain", [
+    (2, 0.0, 0.0, 0), (2, 0.0, 1.0, 1), (3, 0.0, 0.0, 0), (3, 1.0, 0.0, 1), (3, 0.0, 1.0, 2)])
+def test_fixed_grain_from_the_targets(num_grains, median, fine, grain):
+  assert GrainTargets(fine, median, num_grains).fixed_grain == grain
+
+
+@pytest.mark.parametrize("num_grains,median,fine", [(2, 0.0, 0.5), (3, 0.5, 0.5), (3, 0.3, 0.0)])
+def test_fixed_grain_refuses_a_mixture(num_grains, median, fine):
+  with pytest.raises(FieldError, match="the fixed router codes every region at one grain"):
+    GrainTargets(fine, median, num_grains).fixed_grain  # pylint: disable=expression-not-assigned
+
+
+def test_build_dqvae_checks_the_grain_targets_for_every_router():
+  cfg = default_model_config()
+  for kind in ("feature", "fixed"):
+    cfg.router.kind = kind
+    cfg.router.fine_ratio = 1.25
+    with pytest.raises(FieldError, match="config.model.router.fine_ratio = 1.25"):
+      build_dqvae(cfg)
+  cfg.router.fine_ratio = 0.5
+  with pytest.raises(FieldError, match="fixed router codes every region at one grain"):
+    build_dqvae(cfg)
+
+
+@pytest.mark.parametrize("num_grains", [2, 3])
+def test_fine_fraction_matches_numpy_on_numpy_and_jax(num_grains):
+  grain = np.random.default_rng(0).integers(0, num_grains, size=(5, 4, 6))
+  want = np.array([np.count_nonzero(g == num_grains - 1) / g.size for g in grain])
+  np.testing.assert_allclose(fine_fraction(grain, num_grains, per_image=True), want)
+  np.testing.assert_allclose(fine_fraction(grain, num_grains), want.mean())
+  got = fine_fraction(jnp.asarray(grain), num_grains, per_image=True)
+  assert isinstance(got, jax.Array)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def _loss_cfg(**overrides):
+  return ml_collections.ConfigDict(dict(dict(budget_gamma=10.0, budget_calculate_all=True,
+                                             budget_on="hard", budget_triple="official"),
+                                        **overrides))
+
+
+@pytest.mark.parametrize("on", ["hard", "expected"])
+@pytest.mark.parametrize("num_grains", [2, 3])
+def test_budget_loss_from_config_equals_the_functions(on, num_grains):
+  logits = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 3, num_grains))
+  gate = jax.nn.one_hot(jnp.argmax(logits, -1), num_grains)
+  outputs = {"gate": gate, "gate_logits": logits}
+  targets = GrainTargets(0.3, 0.2 if num_grains == 3 else 0.0, num_grains)
+  loss = BudgetLoss.from_config(_loss_cfg(budget_on=on, budget_gamma=4.0), targets)
+  used = gate if on == "hard" else jax.nn.softmax(logits, -1)
+  want = (budget_loss(used, 0.3, 4.0, calculate_all=True) if num_grains == 2 else
+          budget_loss_triple(used, 0.2, 0.3, 4.0, form="official"))
+  np.testing.assert_allclose(loss(outputs), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("field,value,expectation", [
+    ("budget_on", "soft", "expected one of ('hard', 'expected')"),
+    ("budget_triple", "plain", "expected one of ('official', 'fractions')"),
+    ("budget_gamma", -1.0, "expected a number >= 0.0"),
+    ("budget_gamma", float("inf"), "expected a number >= 0.0")])
+def test_budget_loss_owns_and_checks_its_fields(field, value, expectation):
+  with pytest.raises(FieldError) as info:
+    BudgetLoss.from_config(_loss_cfg(**{field: value}), GrainTargets(0.5))
+  assert (info.value.field, info.value.expectation) == (f"loss.{field}", expectation)
+
+
+def test_stage1_step_checks_the_budget_before_tracing():
+  from dq.train.vae_step import make_update_fn
+  import optax
+  model_cfg = default_model_config()
+  loss_cfg = _loss_cfg(budget_on="soft")
+  with pytest.raises(FieldError, match="config.loss.budget_on = 'soft'"):
+    make_update_fn(build_dqvae(model_cfg), optax.sgd(0.1), lambda step: 0.1, loss_cfg=loss_cfg,
+                   router_cfg=model_cfg.router, num_grains=2)
