@@ -354,8 +354,8 @@ def lpips_reason(settings: Settings) -> Optional[str]:
 
 def fid_config(vae_cfg: ml_collections.ConfigDict, settings: Settings, reference: str,
                stage1_dir: str = "") -> ml_collections.ConfigDict:
-  from dq.evaluation import fid_jobs
-  config = fid_jobs.fid_base_config()
+  from dq.configs import fid_base_config
+  config = fid_base_config()
   config.data = vae_cfg.data.copy_and_resolve_references()
   config.fid.update(dict(split="eval", reference_stats=reference, batch_size=settings.eval_batch,
                          max_images=settings.rfid_images, save_features=False,
@@ -506,13 +506,14 @@ def run_dir_of(workdir: str, name: str, seed: int) -> str:
 def train_transformer(settings: Settings, name: str, stage1_dir: str, vae_cfg,
                       workdir: str, clock: PhaseClock) -> dict:
   """Trains the StackedTransformer on a stage-1 model's tokens; returns the pieces to sample."""
+  from dq import generator as gen
   from dq.stage2.build import build_transformer
   from dq.train import transformer_trainer as trainer
   config = transformer_config(settings, stage1_dir, vae_cfg)
   out_dir = os.path.join(workdir, "transformer", name)
   state = clock.run(f"transformer/{name}/train", trainer.train_and_evaluate, config, out_dir)
-  stage1 = trainer.load_stage1(config)
-  layout = trainer.make_layout(config, stage1, trainer.resolve_data_config(config, stage1))
+  stage1 = gen.load_stage1(config)
+  layout = gen.make_layout(config, stage1, gen.resolve_data_config(config, stage1))
   model = build_transformer(config.model, layout)
   params = jax.device_put(jax.device_get(state.params), jax.local_devices()[0])
   final = last_metrics(out_dir)

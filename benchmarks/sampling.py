@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dq.stage2.sampler import SamplingConfig, make_sampler
-from dq.stage2.tokens import TokenLayout
+from dq.stage2.layout import TokenLayout
 from dq.stage2.transformer import StackedTransformer
 
 OFFICIAL_SECONDS_PER_IMAGE = 60.0

@@ -25,7 +25,8 @@ import numpy as np
 from dq import sharding as sh
 from dq.configs import transformer_base_config
 from dq.stage2.build import build_transformer, default_transformer_config
-from dq.stage2.tokens import TokenLayout, pack_tokens
+from dq.stage2.layout import TokenLayout
+from dq.stage2.tokens import pack_tokens
 from dq.train import throughput
 from dq.train import transformer_step as ts
 

@@ -25,10 +25,12 @@ import numpy as np
 
 from dq.data import pipeline
 from dq.stage2 import sampler as sampling
+from dq.stage2.sampler_checks import check_checkpoint_matches_layout
 from dq import tokenizer as stage1_lib
 from dq.run_files import WORKDIR_CONFIG
 from dq.stage2.build import build_transformer, default_transformer_config
-from dq.stage2.tokens import TokenLayout, unpack_tokens_jax
+from dq.stage2.layout import TokenLayout
+from dq.stage2.tokens import unpack_tokens_jax
 from dq.stage2.progressive import PACKED_FIELDS as PACKED_KEYS
 from dq.official import transformer as convert_transformer
 STAGE1_RECORD = "stage1.json"  # the DQ-VAE a stage-2 run trains on: path and fingerprint
@@ -124,7 +126,7 @@ def restore_params(config: Any, workdir: str, abstract: Any,
   restored = ckpt.restore_params_from(source)
   params = restored["params"]
   if layout is not None:
-    sampling.check_checkpoint_matches_layout(params, layout, f"checkpoint {source}")
+    check_checkpoint_matches_layout(params, layout, f"checkpoint {source}")
   if stage1 is not None:  # same shapes, other weights
     check_stage1_of_run(source, stage1)
   if not ckpt.matches_abstract(params, abstract):

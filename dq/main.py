@@ -101,8 +101,9 @@ def dispatch(config) -> None:
     from dq.train import vae_trainer as trainer
     modes = {"train": trainer.train_and_evaluate, "eval": trainer.evaluate}
   elif config.stage == "transformer":
+    from dq.train import transformer_sample
     from dq.train import transformer_trainer as trainer
-    modes = {"train": trainer.train_and_evaluate, "sample": trainer.sample,
+    modes = {"train": trainer.train_and_evaluate, "sample": transformer_sample.sample,
              "encode": trainer.encode}
   elif config.stage == "fid":
     from dq.evaluation import fid_jobs as trainer

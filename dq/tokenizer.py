@@ -23,7 +23,8 @@ import numpy as np
 from dq.models import entropy
 from dq.models.build import build_dqvae
 from dq.models.dqvae import DQVAE
-from dq.stage2.tokens import TokenLayout, pack_tokens_jax
+from dq.stage2.layout import TokenLayout
+from dq.stage2.tokens import pack_tokens_jax
 from dq.official import dqvae as convert
 from dq.run_files import WORKDIR_CONFIG, run_config_path
 

@@ -10,7 +10,8 @@ import numpy as np
 
 from dq.configs import transformer_base_config
 from dq.stage2.build import default_transformer_config
-from dq.stage2.tokens import TokenLayout, pack_tokens
+from dq.stage2.layout import TokenLayout
+from dq.stage2.tokens import pack_tokens
 
 LAYOUT = TokenLayout(coarse_size=4, fine_size=8, codebook_size=16, num_classes=9)
 

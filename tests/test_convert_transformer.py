@@ -6,7 +6,7 @@ import pytest
 from conftest import fixture_path
 from test_convert_official import lightning_checkpoint
 
-from dq.stage2.tokens import TokenLayout
+from dq.stage2.layout import TokenLayout
 from dq.stage2.transformer import StackedTransformer
 from dq.tools import convert_official_transformer as conv
 

@@ -13,17 +13,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dq import generator as gen
+from dq.configs import fid_base_config
 from dq.data.pipeline import make_dataset
 from dq.evaluation import fid
 from dq.evaluation import fid_jobs
 from dq.evaluation import inception as inc
+from dq.evaluation.evaluators import common, reconstruction
+from dq.evaluation.evaluators.reference import reference_features
 from dq.evaluation.reference_stats import features_in_batches
 from dq.stage2.build import build_transformer
 from dq.tokenizer import load_stage1
 from dq.official import transformer as convert_transformer
 from dq import checkpoint as ckpt
 from dq.train import transformer_step as ts
-from dq.train import transformer_trainer as tt
 from stage2_util import tiny_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -47,7 +50,7 @@ def vae(stage1_dir):
 
 
 def fid_config(mode, **fid_fields):
-  config = fid_jobs.fid_base_config()
+  config = fid_base_config()
   config.mode = mode
   config.data.name = "embedded"
   config.data.image_size = 32
@@ -120,8 +123,8 @@ def test_reference_job_writes_stats_and_features(tmp_path, inception_params):
 
   # FID of the same images (split into per-process parts) against the stored statistics is 0.
   parts = [features[:3], features[3:5], features[5:]]
-  assert fid_jobs.fid_to_reference(parts, *fid.load_stats(path)) == pytest.approx(0.0, abs=1e-6)
-  assert fid_jobs.fid_to_reference(parts, mu + 0.1, sigma) == pytest.approx(0.01 * 2048,
+  assert common.fid_to_reference(parts, *fid.load_stats(path)) == pytest.approx(0.0, abs=1e-6)
+  assert common.fid_to_reference(parts, mu + 0.1, sigma) == pytest.approx(0.01 * 2048,
                                                                             rel=1e-6)
 
   # Without features: mu/sigma only (the compute_reference_stats file), same statistics.
@@ -131,7 +134,7 @@ def test_reference_job_writes_stats_and_features(tmp_path, inception_params):
   with np.load(tmp_path / "four.npz") as archive:
     assert "features" not in archive.files
     np.testing.assert_allclose(archive["mu"], features[:4].mean(0), rtol=1e-6, atol=1e-9)
-  assert fid_jobs.reference_features(str(tmp_path / "four.npz")) is None
+  assert reference_features(str(tmp_path / "four.npz")) is None
 
 
 def test_stage1_job_rfid_matches_direct_computation(tmp_path, stage1_dir, vae,
@@ -147,8 +150,8 @@ def test_stage1_job_rfid_matches_direct_computation(tmp_path, stage1_dir, vae,
   originals = eval_images(config)[:4]
   # The job's jitted reconstruction (same shapes and shardings: no second compilation); the
   # features come from the unsharded single-device path.
-  devices = fid_jobs.LocalDevices()
-  out = jax.device_get(fid_jobs.reconstruct_batch(
+  devices = common.LocalDevices()
+  out = jax.device_get(reconstruction.reconstruct_batch(
       vae.model, False, jax.device_put(vae.variables, devices.replicated), {},
       devices.put_batch(originals.astype(np.float32) / 127.5 - 1.0, BATCH)))
   np.testing.assert_array_equal(out["original"][:4], originals)
@@ -186,7 +189,7 @@ def stage2_dir(stage1_dir, vae, tmp_path_factory):
   config = tiny_config(stage1_dir)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=1))
-  layout = tt.make_layout(config, vae, tt.resolve_data_config(config, vae))
+  layout = gen.make_layout(config, vae, gen.resolve_data_config(config, vae))
   model = build_transformer(config.model, layout)
   tx, _ = ts.make_transformer_optimizer(config.optim, config.train.num_steps)
   abstract = jax.eval_shape(ts.make_init_fn(model, tx, layout), jax.random.PRNGKey(0)).params
@@ -214,7 +217,7 @@ def test_stage2_job_fid_precision_recall_and_images(tmp_path, stage1_dir, stage2
 
   # The reference was missing: computed first, with features.
   reference = tmp_path / "eval" / "reference_eval.npz"
-  real_features = fid_jobs.reference_features(str(reference))
+  real_features = reference_features(str(reference))
   assert real_features.shape == (EVAL_IMAGES, 2048)  # the whole reference split
   samples = np.load(results["images_path"])
   assert results["images_path"] == str(tmp_path / "eval" / "fid_samples.npz")
@@ -273,7 +276,7 @@ def test_job_config_errors(tmp_path, inception_params):
   with pytest.raises(ValueError, match="config.data.image_size=0"):
     fid_jobs.reference(config, str(tmp_path), inception_params)
   with pytest.raises(ValueError, match="codes 64 px images"):
-    fid_jobs.data_config(fid_config("stage1"), 64)
+    common.data_config(fid_config("stage1"), 64)
 
 
 def test_fid_to_reference_matches_frechet_distance():
@@ -285,18 +288,18 @@ def test_fid_to_reference_matches_frechet_distance():
     samples = 0.8 * rng.standard_normal((count, dim)) + 0.3
     parts = [samples[:count // 3], samples[count // 3:]]
     expected = fid.frechet_distance(*stats_of(samples), mu, sigma)
-    assert fid_jobs.fid_to_reference(parts, mu, sigma) == pytest.approx(expected, rel=1e-6)
-  merged = fid_jobs.merged_stats(parts)
+    assert common.fid_to_reference(parts, mu, sigma) == pytest.approx(expected, rel=1e-6)
+  merged = common.merged_stats(parts)
   np.testing.assert_allclose(merged.covariance, np.cov(samples, rowvar=False), rtol=1e-10)
   assert merged.count == 60
 
 
 def test_process_share_and_gather_on_one_process():
-  assert fid_jobs.process_share(10) == range(0, 10)
+  assert common.process_share(10) == range(0, 10)
   rows = np.arange(12, dtype=np.float32).reshape(4, 3)
-  parts = fid_jobs.gather_rows(rows)
+  parts = common.gather_rows(rows)
   assert len(parts) == 1 and np.array_equal(parts[0], rows)
-  assert [len(p) for p in fid_jobs._trim([rows, rows[:2]], 5)] == [4, 1]
+  assert [len(p) for p in common.trim_rows([rows, rows[:2]], 5)] == [4, 1]
 
 
 @pytest.mark.parametrize("name,arg", [("fid_demo", "stage2=/runs/demo"),
@@ -308,10 +311,10 @@ def test_fid_configs(name, arg):
   spec.loader.exec_module(module)
   config = module.get_config(arg)
   assert config.stage == "fid" and config.mode in fid_jobs.MODES
-  base = fid_jobs.fid_base_config()
+  base = fid_base_config()
   assert set(config.fid.keys()) == set(base.fid.keys())
   assert set(config.sample.keys()) == set(base.sample.keys())
-  fid_jobs.sampling_config(config, fid_jobs.Generator(None, None, None, 0, "", None, "row"))
+  gen.sampling_config(config, gen.Generator(None, None, None, 0, "", None, "row"))
   if name == "fid_imagenet":
     assert config.data.name == "tfds" and config.fid.split == "train"
     assert config.fid.num_images == 50_000 and config.sample.labels == ""
@@ -321,7 +324,7 @@ def test_fid_configs(name, arg):
 
 def test_package_exports_load_lazily():
   import dq.evaluation as evaluation
-  assert evaluation.fid_base_config is fid_jobs.fid_base_config
+  assert evaluation.fid_base_config is fid_base_config
   assert evaluation.FeatureStats is fid.FeatureStats
   assert set(evaluation.__all__) <= set(dir(evaluation))
   with pytest.raises(AttributeError, match="no attribute 'missing'"):

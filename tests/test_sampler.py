@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from dq.stage2 import sampler as smp
-from dq.stage2.tokens import TokenLayout, _fine_cells_of_regions, unpack_tokens
+from dq.stage2.layout import TokenLayout
+from dq.stage2.tokens import _fine_cells_of_regions, unpack_tokens
 from dq.stage2.transformer import StackedTransformer
 
 LAYOUT = TokenLayout(coarse_size=3, fine_size=6, codebook_size=8, num_classes=3)

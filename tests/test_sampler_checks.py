@@ -8,12 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dq import generator as gen
 from dq.models.build import build_dqvae
 from dq.stage2 import sampler as smp
 from dq.stage2.build import build_transformer
-from dq.stage2.tokens import TokenLayout
+from dq.stage2.layout import TokenLayout
+from dq.stage2.sampler_checks import check_checkpoint_matches_layout
 from dq.official.dqvae import save_converted
 from dq import checkpoint as ckpt
+from dq.train import transformer_sample
 from dq.train import transformer_step as ts
 from dq.train import transformer_trainer as tt
 from dq.train.loop import save_config
@@ -36,8 +39,8 @@ def save_stage2_run(workdir: str, stage1_dir: str, class_conditional: bool) -> T
   """A stage-2 workdir (config.json + a step-1 checkpoint of freshly initialised params)
   trained against `stage1_dir`; returns its token layout."""
   config = stage2_config(stage1_dir, class_conditional)
-  stage1 = tt.load_stage1(config)
-  layout = tt.make_layout(config, stage1, tt.resolve_data_config(config, stage1))
+  stage1 = gen.load_stage1(config)
+  layout = gen.make_layout(config, stage1, gen.resolve_data_config(config, stage1))
   model = build_transformer(config.model, layout)
   tx, _ = ts.make_transformer_optimizer(config.optim, config.train.num_steps)
   state = jax.jit(ts.make_init_fn(model, tx, layout))(jax.random.PRNGKey(0))
@@ -77,7 +80,7 @@ def runs(tmp_path_factory):
 def _sample(runs, run: str, stage1: str = "trained", **sample):
   config = stage2_config(runs["stage1"][stage1], class_conditional=run == "cond")
   config.sample.update(sample)
-  return tt.sample(config, runs["workdirs"][run])
+  return transformer_sample.sample(config, runs["workdirs"][run])
 
 
 def test_layouts_of_the_runs(runs):
@@ -131,20 +134,20 @@ LAYOUT_MISMATCHES = {
 def test_checkpoint_layout_check_names_the_mismatch(runs, mismatch):
   params = _restored_params(runs, "cond")
   source = f"checkpoint {runs['workdirs']['cond']}"
-  smp.check_checkpoint_matches_layout(params, runs["layouts"]["cond"], source)  # fits
+  check_checkpoint_matches_layout(params, runs["layouts"]["cond"], source)  # fits
   layout, message = LAYOUT_MISMATCHES[mismatch]
   with pytest.raises(ValueError, match=re.escape(
       f"{source} does not fit the token layout (trained for another one): ") + ".*"
                      + re.escape(message)):
-    smp.check_checkpoint_matches_layout(params, layout, source)
+    check_checkpoint_matches_layout(params, layout, source)
 
 
 def test_checkpoint_layout_check_refuses_trees_that_are_not_params(runs):
   params = _restored_params(runs, "cond")
   with pytest.raises(ValueError, match=r"pass the params tree itself, not \{'params': \.\.\.\}"):
-    smp.check_checkpoint_matches_layout({"params": params}, runs["layouts"]["cond"])
+    check_checkpoint_matches_layout({"params": params}, runs["layouts"]["cond"])
   with pytest.raises(ValueError, match="has no content_emb/embedding: not a DQ-Transformer"):
-    smp.check_checkpoint_matches_layout({"pos_emb": params["pos_emb"]}, runs["layouts"]["cond"])
+    check_checkpoint_matches_layout({"pos_emb": params["pos_emb"]}, runs["layouts"]["cond"])
 
 
 @pytest.mark.parametrize("labels,message", [
@@ -200,7 +203,7 @@ def test_stage1_path_pointing_at_a_stage2_run(runs):
   with pytest.raises(ValueError, match=re.escape(
       f"{runs['workdirs']['cond']}/config.json is the config of a 'transformer' run, not of a "
       "stage-1 DQ-VAE (config.stage='vae')")):
-    tt.sample(config, runs["workdirs"]["cond"])
+    transformer_sample.sample(config, runs["workdirs"]["cond"])
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from dq import generator as gen
 from dq import tokenizer as stage1_lib
 from dq.stage2 import token_data
 from dq.stage2 import token_encoding
@@ -108,10 +109,10 @@ def test_stage2_run_records_and_checks_its_stage1(stage1_dirs, stage1, tmp_path)
   other = stage1_lib.load_stage1(stage1_dirs[1])
   workdir = str(tmp_path / "run")
   tt.record_stage1(workdir, stage1)
-  with open(os.path.join(workdir, tt.STAGE1_RECORD)) as f:
+  with open(os.path.join(workdir, gen.STAGE1_RECORD)) as f:
     assert json.load(f) == {"path": stage1.source, "fingerprint": stage1.fingerprint}
   tt.record_stage1(workdir, stage1)  # a resume with the same model
-  tt.check_stage1_of_run(os.path.join(workdir, "checkpoints", "5"), stage1)
+  gen.check_stage1_of_run(os.path.join(workdir, "checkpoints", "5"), stage1)
   message = re.escape(
       f"the transformer in {workdir} was trained on tokens of the stage-1 model {stage1.source} "
       f"(tokenizer fingerprint {stage1.fingerprint}), but config.stage1.path={other.source} "
@@ -120,5 +121,5 @@ def test_stage2_run_records_and_checks_its_stage1(stage1_dirs, stage1, tmp_path)
     tt.record_stage1(workdir, other)  # a resume with another model
   with pytest.raises(ValueError, match=message.replace(re.escape(workdir),
                                                        re.escape(workdir + "/checkpoints/5"))):
-    tt.check_stage1_of_run(os.path.join(workdir, "checkpoints", "5"), other)
-  tt.check_stage1_of_run(str(tmp_path / "converted"), other)  # no record: not checked
+    gen.check_stage1_of_run(os.path.join(workdir, "checkpoints", "5"), other)
+  gen.check_stage1_of_run(str(tmp_path / "converted"), other)  # no record: not checked

@@ -6,7 +6,8 @@ import pytest
 from conftest import fixture_path
 
 from dq.official.transformer import convert_stackgpt_state_dict
-from dq.stage2.transformer import StackedTransformer, causal_attention, stackgpt_losses
+from dq.stage2.losses import stackgpt_losses
+from dq.stage2.transformer import StackedTransformer, causal_attention
 
 INPUT_NAMES = ("coarse_content", "fine_content", "coarse_position", "fine_position",
                "coarse_seg", "fine_seg")
@@ -146,8 +147,9 @@ def _equal_count_batch(seed: int = 0):
 
 def test_packed_forward_and_losses_match_official_assembly(official):
   """Without pads between the coarse and fine parts, both assemblies are the same sequence."""
-  from dq.stage2.tokens import TokenLayout, official_permuter_order, pack_tokens
-  from dq.stage2.transformer import packed_losses
+  from dq.stage2.layout import TokenLayout
+  from dq.stage2.losses import packed_losses
+  from dq.stage2.tokens import official_permuter_order, pack_tokens
   layout = TokenLayout(coarse_size=4, fine_size=8, codebook_size=64)
   codes, grain = _equal_count_batch()
   perm = official_permuter_order(codes, grain, layout)

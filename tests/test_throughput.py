@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dq.stage2.tokens import TokenLayout
+from dq.stage2.layout import TokenLayout
 from dq.stage2.transformer import StackedTransformer
 from dq.train import throughput
 

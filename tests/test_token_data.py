@@ -13,7 +13,8 @@ from dq.data import embedded, pipeline
 from dq import tokenizer as stage1_lib
 from dq.stage2 import token_data
 from dq.stage2 import token_encoding
-from dq.stage2.tokens import TokenLayout, pack_tokens, unpack_tokens
+from dq.stage2.layout import TokenLayout
+from dq.stage2.tokens import pack_tokens, unpack_tokens
 from stage1_util import make_tiny_stage1, tiny_data_config, tiny_model_config
 
 NUM_CLASSES = embedded.NUM_CLASSES

@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import fixture_path
-from dq.stage2.tokens import (TokenLayout, official_permuter_order, pack_tokens,
-                              pack_tokens_jax, unpack_tokens, unpack_tokens_jax)
+from dq.stage2.layout import TokenLayout
+from dq.stage2.tokens import (official_permuter_order, pack_tokens, pack_tokens_jax,
+                              unpack_tokens, unpack_tokens_jax)
 
 
 def random_maps(seed: int, batch: int, coarse: tuple[int, int], codebook_size: int,

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from dq.stage2 import sampler as smp
-from dq.stage2.tokens import (FINE_ORDERS, TokenLayout, _fine_cells_of_regions,
-                              _region_of_fine_cells, unpack_tokens, unpack_tokens_jax)
+from dq.stage2.layout import FINE_ORDERS, TokenLayout
+from dq.stage2.tokens import (_fine_cells_of_regions, _region_of_fine_cells, unpack_tokens,
+                              unpack_tokens_jax)
 from test_sampler import _check_legal, _params
 
 LAYOUT = TokenLayout(coarse_size=2, fine_size=4, codebook_size=5, num_classes=2)

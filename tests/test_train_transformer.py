@@ -12,7 +12,9 @@ import pytest
 
 from dq.configs import transformer_base_config
 from dq.stage2.build import build_transformer
-from dq.stage2.tokens import TokenLayout
+from dq.generator import sample_labels
+from dq.stage2.layout import TokenLayout
+from dq.train import transformer_sample
 from dq.train import transformer_step as ts
 from dq.train import transformer_trainer as tt
 from stage2_util import LAYOUT, random_batch, tiny_config, tiny_model_config
@@ -222,7 +224,7 @@ def test_sample_mode_writes_pngs_and_npz(stage1_dir, trained, tmp_path):
   config = tiny_config(stage1_dir, 4)
   config.mode = "sample"
   config.sample.out_dir = str(tmp_path / "samples")
-  path = tt.sample(config, trained["full_dir"])
+  path = transformer_sample.sample(config, trained["full_dir"])
   assert path == str(tmp_path / "samples" / "samples.npz")
   pngs = sorted(os.listdir(tmp_path / "samples"))
   assert [p for p in pngs if p.startswith("sample_")] == [f"sample_{i:05d}.png" for i in range(5)]
@@ -279,19 +281,19 @@ def test_stage1_path_errors(tmp_path):
     tt.train_and_evaluate(config, str(tmp_path))
   config.stage1.path = str(tmp_path / "missing")
   with pytest.raises(FileNotFoundError, match="missing does not exist.*train stage 1 first"):
-    tt.sample(config, str(tmp_path))
+    transformer_sample.sample(config, str(tmp_path))
 
 
 def test_sample_labels():
   config = transformer_base_config()
-  np.testing.assert_array_equal(tt.sample_labels(config, LAYOUT, 11), np.arange(11) % 9)
+  np.testing.assert_array_equal(sample_labels(config, LAYOUT, 11), np.arange(11) % 9)
   config.sample.labels = "2,9"
-  np.testing.assert_array_equal(tt.sample_labels(config, LAYOUT, 3), [2, 9, 2])
+  np.testing.assert_array_equal(sample_labels(config, LAYOUT, 3), [2, 9, 2])
   config.sample.labels = "10"
   with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\]"):
-    tt.sample_labels(config, LAYOUT, 3)
+    sample_labels(config, LAYOUT, 3)
   with pytest.raises(ValueError, match="unconditional"):
-    tt.sample_labels(config, TokenLayout(4, 8, 16), 3)
+    sample_labels(config, TokenLayout(4, 8, 16), 3)
 
 
 def test_build_transformer_validates_fields():

@@ -267,8 +267,9 @@ def _reference_known(packed, layout, prefix):
 
 def _packed_example(fine_order: str, shuffle: bool):
   from dq.stage2 import tokens as tok
+  from dq.stage2.layout import TokenLayout
 
-  layout = tok.TokenLayout(3, 6, codebook_size=12)
+  layout = TokenLayout(3, 6, codebook_size=12)
   rng = np.random.default_rng(3)
   grain = rng.integers(0, 2, (3, 3, 3))
   grain[2] = 0  # an all-coarse image: no fine stage

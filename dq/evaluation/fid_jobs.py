@@ -20,30 +20,17 @@ Devices and processes: the DQ-VAE and Inception run data-parallel over this proc
 reads the whole split on every process (as `compute_reference_stats` does) and process 0
 writes the file. The stage1 job reads this process's shard of the split and the stage2 job
 samples a contiguous share of the N images; their per-process features (float32, as the
-network gives them) are gathered at the end (`gather_rows`: N x 2048 float32 on every
+network gives them) are gathered at the end (`common.gather_rows`: N x 2048 float32 on every
 process, 400 MB for 50k) and the statistics merged from per-process `FeatureStats` in process
-order (`merged_stats`), so every process gets the same numbers. Stage-2 samples depend on the
-process count (each process folds its index into the sampling key).
+order (`common.merged_stats`), so every process gets the same numbers. Stage-2 samples depend
+on the process count (each process folds its index into the sampling key).
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from dq.configs import fid_base_config  # noqa: F401
 from dq.evaluation.evaluators import generation, reconstruction
 from dq.evaluation.evaluators import reference as reference_job
-# The pieces of the jobs stay importable from here.
-from dq.evaluation.evaluators.common import (RESULT_PREFIX, LocalDevices,  # noqa: F401
-                                             data_config, fid_to_reference, gather_rows,
-                                             load_inception, merged_stats, process_share,
-                                             reference_path, write_job_results)
-from dq.evaluation.evaluators.common import trim_rows as _trim  # noqa: F401
-from dq.evaluation.evaluators.generation import decode_tokens  # noqa: F401
-from dq.evaluation.evaluators.reconstruction import (checkpoint_step,  # noqa: F401
-                                                     reconstruct_batch)
-from dq.evaluation.evaluators.reference import (FEATURES_KEY, reference_features,  # noqa: F401
-                                                write_reference)
-from dq.generator import Generator, load_generator, sampling_config  # noqa: F401
 
 reference = reference_job.run
 stage1 = reconstruction.run

@@ -1,6 +1,7 @@
 """Stage 2: coarse-to-fine token sequences and the DQ-Transformer."""
+from dq.stage2.layout import TokenLayout
+from dq.stage2.losses import packed_losses, stackgpt_losses
 from dq.stage2.tokens import (
-    TokenLayout,
     official_permuter_order,
     pack_tokens,
     pack_tokens_jax,
@@ -8,7 +9,7 @@ from dq.stage2.tokens import (
     unpack_tokens_jax,
 )
 from dq.stage2.sampler import SamplingConfig, make_sampler, sampling_config_from
-from dq.stage2.transformer import StackedTransformer, init_cache, packed_losses, stackgpt_losses
+from dq.stage2.transformer import StackedTransformer, init_cache
 
 __all__ = [
     "TokenLayout",

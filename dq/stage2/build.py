@@ -6,7 +6,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from dq.stage2.tokens import TokenLayout
+from dq.stage2.layout import TokenLayout
 from dq.stage2.transformer import ATTENTION_IMPLEMENTATIONS, StackedTransformer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

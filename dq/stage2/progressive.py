@@ -29,6 +29,7 @@ import numpy as np
 from dq.summaries import images as pictures
 from dq.summaries import strips
 from dq.stage2 import tokens as tok
+from dq.stage2.layout import TokenLayout
 
 DEFAULT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PACKED_FIELDS = ("content", "position", "segment", "valid")
@@ -47,7 +48,7 @@ def _check_fractions(fractions: Sequence[float]) -> np.ndarray:
   return values
 
 
-def _as_packed(packed: Mapping[str, np.ndarray], layout: tok.TokenLayout) -> dict:
+def _as_packed(packed: Mapping[str, np.ndarray], layout: TokenLayout) -> dict:
   missing = [name for name in PACKED_FIELDS if name not in packed]
   if missing:
     raise ValueError(f"packed tokens lack fields {missing}; expected {list(PACKED_FIELDS)}")
@@ -61,7 +62,7 @@ def _as_packed(packed: Mapping[str, np.ndarray], layout: tok.TokenLayout) -> dic
   return arrays
 
 
-def prefix_states(packed: Mapping[str, np.ndarray], layout: tok.TokenLayout,
+def prefix_states(packed: Mapping[str, np.ndarray], layout: TokenLayout,
                   fractions: Sequence[float] = DEFAULT_FRACTIONS) -> dict[str, np.ndarray]:
   """Code maps and known cells after the coarse stage and at fractions of the fine stage.
 
@@ -142,7 +143,7 @@ def make_partial_decode_fn(stage1) -> Callable[[np.ndarray, np.ndarray], np.ndar
   return decode
 
 
-def progressive_frames(packed: Mapping[str, np.ndarray], layout: tok.TokenLayout,
+def progressive_frames(packed: Mapping[str, np.ndarray], layout: TokenLayout,
                        decode_partial: Callable[[np.ndarray, np.ndarray], np.ndarray],
                        fractions: Sequence[float] = DEFAULT_FRACTIONS,
                        max_images: Optional[int] = None) -> dict:
@@ -160,7 +161,7 @@ def progressive_frames(packed: Mapping[str, np.ndarray], layout: tok.TokenLayout
   return {**states, "images": images, "captions": stage_captions(fractions)}
 
 
-def generation_strip(packed: Mapping[str, np.ndarray], layout: tok.TokenLayout,
+def generation_strip(packed: Mapping[str, np.ndarray], layout: TokenLayout,
                      decode_partial: Callable[[np.ndarray, np.ndarray], np.ndarray],
                      fractions: Sequence[float] = DEFAULT_FRACTIONS,
                      max_images: int = 4, captions: bool = True, scale: int = 1) -> np.ndarray:

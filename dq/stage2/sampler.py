@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dq.stage2 import tokens as tok
-# Host-side input checks live in sampler_checks; these names stay importable from here.
-from dq.stage2.sampler_checks import (check_checkpoint_matches_layout,  # noqa: F401
-                                      check_labels, check_sampling_fits)
+from dq.stage2.layout import FINE_ORDERS, TokenLayout
+from dq.stage2.sampler_checks import (check_checkpoint_matches_layout, check_labels,
+                                      check_sampling_fits)
 from dq.stage2.transformer import StackedTransformer, init_cache
 
 NEG_INF = -jnp.inf
@@ -65,8 +65,8 @@ class SamplingConfig:
     if not np.isfinite(self.guidance_scale) or self.guidance_scale < 0:
       raise ValueError(f"sample.guidance_scale must be a finite value >= 0 (1 = no guidance); "
                        f"got {self.guidance_scale}")
-    if self.fine_order not in tok.FINE_ORDERS:
-      raise ValueError(f"sample.fine_order must be one of {tok.FINE_ORDERS}; got "
+    if self.fine_order not in FINE_ORDERS:
+      raise ValueError(f"sample.fine_order must be one of {FINE_ORDERS}; got "
                        f"{self.fine_order!r}")
 
 
@@ -155,9 +155,9 @@ class _Tables:
   fine_rank: np.ndarray       # [nf] rank of each fine cell in fine_order
 
 
-def _tables(layout: tok.TokenLayout, fine_order: str) -> _Tables:
-  if fine_order not in tok.FINE_ORDERS:
-    raise ValueError(f"fine_order must be one of {tok.FINE_ORDERS}; got {fine_order!r}")
+def _tables(layout: TokenLayout, fine_order: str) -> _Tables:
+  if fine_order not in FINE_ORDERS:
+    raise ValueError(f"fine_order must be one of {FINE_ORDERS}; got {fine_order!r}")
   order = (np.arange(layout.num_fine_cells) if fine_order == "row"
            else tok._fine_cells_of_regions(layout).reshape(-1))
   rank = np.empty_like(order)
@@ -165,7 +165,7 @@ def _tables(layout: tok.TokenLayout, fine_order: str) -> _Tables:
   return _Tables(tok._region_of_fine_cells(layout).astype(np.int32), rank.astype(np.int32))
 
 
-def legal_positions(layout: tok.TokenLayout, state: SamplerState, fixed_fine: bool,
+def legal_positions(layout: TokenLayout, state: SamplerState, fixed_fine: bool,
                     fine_order: str = "row") -> tuple[jax.Array, jax.Array]:
   """Legal next positions [B, P] (P = fine position vocab) and the next segment [B].
 
@@ -175,7 +175,7 @@ def legal_positions(layout: tok.TokenLayout, state: SamplerState, fixed_fine: bo
   coarse EOS when the next segment is 0, fine cells or a fine special id when it is 1.
 
   Raises:
-    ValueError: `fine_order` is not one of `tokens.FINE_ORDERS`.
+    ValueError: `fine_order` is not one of `dq.stage2.layout.FINE_ORDERS`.
   """
   nc, nf = layout.num_coarse_cells, layout.num_fine_cells
   tables = _tables(layout, fine_order)
@@ -207,7 +207,7 @@ def legal_positions(layout: tok.TokenLayout, state: SamplerState, fixed_fine: bo
   return legal, next_segment
 
 
-def legal_contents(layout: tok.TokenLayout, next_position: jax.Array,
+def legal_contents(layout: TokenLayout, next_position: jax.Array,
                    next_segment: jax.Array) -> jax.Array:
   """Legal next contents [B, V]: a code for real cells, the matching special id otherwise."""
   ids = jnp.arange(layout.content_vocab_size)[None, :]  # [1, V]
@@ -221,7 +221,7 @@ def legal_contents(layout: tok.TokenLayout, next_position: jax.Array,
   return jnp.where(real[:, None], ids < layout.codebook_size, ids == special[:, None])
 
 
-def initial_state(layout: tok.TokenLayout, labels: Optional[jax.Array], batch: int,
+def initial_state(layout: TokenLayout, labels: Optional[jax.Array], batch: int,
                   cache: Any) -> SamplerState:
   """Sequences holding only the SOS token (class SOS when `labels` is given)."""
   shape = (batch, layout.max_len)
@@ -238,7 +238,7 @@ def initial_state(layout: tok.TokenLayout, labels: Optional[jax.Array], batch: i
       done=jnp.zeros((batch,), bool), length=jnp.zeros((batch,), jnp.int32), cache=cache)
 
 
-def write_token(layout: tok.TokenLayout, state: SamplerState, position: jax.Array,
+def write_token(layout: TokenLayout, state: SamplerState, position: jax.Array,
                 segment: jax.Array, content: jax.Array, cache: Any) -> SamplerState:
   """Appends token t + 1 to every sequence and updates coverage and done flags."""
   nc, nf = layout.num_coarse_cells, layout.num_fine_cells
@@ -264,7 +264,7 @@ PositionFn = Callable[[Any, SamplerState, dict], tuple[jax.Array, Any, Any]]
 ContentFn = Callable[[Any, SamplerState, Any, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
-def _branch_inputs(layout: tok.TokenLayout, state: SamplerState, guided: bool) -> dict:
+def _branch_inputs(layout: TokenLayout, state: SamplerState, guided: bool) -> dict:
   """Token t of every row; the null-class rows differ only in their SOS content."""
   take = lambda a: jax.lax.dynamic_index_in_dim(a, state.index, axis=1, keepdims=False)
   content, position, segment = take(state.content), take(state.position), take(state.segment)
@@ -275,7 +275,7 @@ def _branch_inputs(layout: tok.TokenLayout, state: SamplerState, guided: bool) -
   return {"content": content, "position": position, "segment": segment}
 
 
-def sampling_step(layout: tok.TokenLayout, config: SamplingConfig, guided: bool,
+def sampling_step(layout: TokenLayout, config: SamplingConfig, guided: bool,
                   position_fn: PositionFn, content_fn: ContentFn, params: Any,
                   rng: jax.Array, state: SamplerState) -> SamplerState:
   """One loop iteration: token t -> position t + 1 -> content t + 1."""
@@ -298,7 +298,7 @@ def sampling_step(layout: tok.TokenLayout, config: SamplingConfig, guided: bool,
   return write_token(layout, state, next_position, next_segment, next_content, cache)
 
 
-def run_sampling(layout: tok.TokenLayout, config: SamplingConfig, position_fn: PositionFn,
+def run_sampling(layout: TokenLayout, config: SamplingConfig, position_fn: PositionFn,
                  content_fn: ContentFn, params: Any, rng: jax.Array,
                  labels: Optional[jax.Array], batch: int, cache: Any,
                  loop: str = "while") -> dict[str, jax.Array]:
@@ -320,7 +320,7 @@ def run_sampling(layout: tok.TokenLayout, config: SamplingConfig, position_fn: P
           "valid": state.valid, "length": state.length}
 
 
-def make_sampler(model: StackedTransformer, layout: tok.TokenLayout,
+def make_sampler(model: StackedTransformer, layout: TokenLayout,
                  config: SamplingConfig = SamplingConfig()) -> Callable[..., dict[str, jax.Array]]:
   """KV-cached sampler: `sampler(params, rng, labels_or_batch_size)` -> packed dict + length.
 

@@ -7,10 +7,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dq.stage2 import tokens as tok
+from dq.stage2.layout import TokenLayout
 
 
-def check_labels(layout: tok.TokenLayout, labels: Optional[np.ndarray]) -> None:
+def check_labels(layout: TokenLayout, labels: Optional[np.ndarray]) -> None:
   """Raises ValueError for labels that do not fit the layout (host-side, before compiling)."""
   if layout.num_classes == 0:
     if labels is not None:
@@ -29,12 +29,12 @@ def check_labels(layout: tok.TokenLayout, labels: Optional[np.ndarray]) -> None:
                      f"null class); got range [{labels.min()}, {labels.max()}]")
 
 
-def _content_vocab_text(layout: tok.TokenLayout) -> str:
+def _content_vocab_text(layout: TokenLayout) -> str:
   classes = f" + {layout.num_classes + 1} class ids" if layout.num_classes else ""
   return f"codebook_size={layout.codebook_size} + 3 special ids{classes}"
 
 
-def check_sampling_fits(layout: tok.TokenLayout, config: Any) -> None:
+def check_sampling_fits(layout: TokenLayout, config: Any) -> None:
   """Raises ValueError for settings (a `sampler.SamplingConfig`) that do not fit the model:
   guidance on an unconditional model, a top-k above the size of its vocabulary."""
   if layout.num_classes == 0 and config.guidance_scale != 1.0:
@@ -61,7 +61,7 @@ def _leaf_shape(params: Any, *keys: str) -> Optional[tuple[int, ...]]:
   return tuple(np.shape(node))
 
 
-def check_checkpoint_matches_layout(params: Any, layout: tok.TokenLayout,
+def check_checkpoint_matches_layout(params: Any, layout: TokenLayout,
                                     source: str = "the transformer params tree",
                                     block_size: Optional[int] = None) -> None:
   """Raises ValueError unless the layout-sized axes of a StackedTransformer params tree fit

@@ -24,7 +24,8 @@ from absl import logging
 import grain
 import numpy as np
 
-from dq.stage2.tokens import TokenLayout, pack_tokens
+from dq.stage2.layout import TokenLayout
+from dq.stage2.tokens import pack_tokens
 
 META_FILE = "meta.json"
 FINGERPRINT_FIELD = "stage1_fingerprint"  # dq.tokenizer.tokenizer_fingerprint

@@ -40,8 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The layout lives in dq.stage2.layout; these names stay importable from here.
-from dq.stage2.layout import FINE_ORDERS, GridSize, TokenLayout  # noqa: F401
+from dq.stage2.layout import FINE_ORDERS, TokenLayout
 
 _SPECIAL, _COARSE, _FINE = 0, 1, 2
 

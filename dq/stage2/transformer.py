@@ -29,9 +29,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# The training losses live in dq.stage2.losses; these names stay importable from here.
-from dq.stage2.losses import masked_cross_entropy, packed_losses, stackgpt_losses  # noqa: F401
-
 LAYER_NORM_EPS = 1e-5
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 KVCache = list[dict[str, jax.Array]]  # per layer: key, value [B * H, L, D]

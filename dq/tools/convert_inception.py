@@ -14,8 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dq.evaluation.inception_convert import (  # noqa: F401  (re-exported for callers)
-    PYTORCH_FID_NAME, convert_source)
+from dq.evaluation.inception_convert import PYTORCH_FID_NAME, convert_source
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,7 +1,6 @@
 """Stage-2 sampling: the `sample` mode of `python -m dq.main` and the sample grids that
 training writes (`write_sample_grid`). Loading and the batched generation loop are
-`dq.generator`'s (`make_generate_fn`, `sample_labels`, `restore_params` stay importable from
-here); `dq.train.transformer_trainer` re-exports these names."""
+`dq.generator`'s (`make_generate_fn`, `sample_labels`, `restore_params`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +16,7 @@ from dq import generator as gen
 from dq.summaries import images as pictures
 from dq.summaries.png import save_png
 from dq.models.grains import fine_fraction
-from dq.generator import make_generate_fn, restore_params, sample_labels  # noqa: F401
+from dq.generator import make_generate_fn, restore_params, sample_labels
 from dq.stage2 import progressive
 from dq.stage2 import sampler as sampling
 from dq.stage2.build import build_transformer

@@ -15,8 +15,9 @@ from jax.sharding import NamedSharding
 import optax
 
 from dq import sharding as sh
-from dq.stage2.tokens import TokenLayout
-from dq.stage2.transformer import StackedTransformer, packed_losses
+from dq.stage2.layout import TokenLayout
+from dq.stage2.losses import packed_losses
+from dq.stage2.transformer import StackedTransformer
 from dq.train.optim import make_optimizer
 
 PACKED_KEYS = ("content", "position", "segment", "valid")

@@ -1,5 +1,5 @@
-"""Stage-2 (DQ-Transformer) trainer: `train_and_evaluate`, `sample` (in
-`dq.train.transformer_sample`, re-exported here) and `encode`.
+"""Stage-2 (DQ-Transformer) trainer: `train_and_evaluate` and `encode` (the `sample` mode is
+`dq.train.transformer_sample.sample`).
 
 Tokens come from a trained DQ-VAE (`config.stage1.path`): either read from token shards in
 `config.tokens.dir` (written once by `encode`, or by training when the folder has no meta.json)
@@ -20,9 +20,7 @@ import numpy as np
 
 from dq import sharding as sh
 from dq.data import pipeline
-# Loading a run's tokenizer and params is dq.generator's and the sample mode lives in
-# transformer_sample; these names stay importable from here.
-from dq.generator import (STAGE1_RECORD, check_stage1_of_run, load_stage1,  # noqa: F401
+from dq.generator import (STAGE1_RECORD, check_stage1_of_run, load_stage1, make_generate_fn,
                           make_layout, resolve_data_config)
 from dq.stage2 import progressive
 from dq.stage2 import sampler as sampling
@@ -30,14 +28,12 @@ from dq import tokenizer as stage1_lib
 from dq.stage2 import token_data
 from dq.stage2 import token_encoding
 from dq.stage2.build import build_transformer
-from dq.stage2.tokens import TokenLayout
+from dq.stage2.layout import TokenLayout
 from dq import checkpoint as ckpt
 from dq.train import throughput
 from dq.train.loop import TrainLoop, check_batch_size, guard_nonfinite
 from dq.train.state import abstract_with_shardings, sharded_init
-from dq.train.transformer_sample import (GRID_COLUMNS, NUM_GRAINS, make_generate_fn,  # noqa: F401
-                                         packed_of, restore_params, sample, sample_grid,
-                                         sample_labels, write_sample_grid)
+from dq.train.transformer_sample import write_sample_grid
 from dq.train.transformer_step import (PACKED_KEYS, TransformerState, make_init_fn,
                                        make_transformer_optimizer, make_update_fn)
 from dq.train.workdir import TrainingRun

@@ -35,8 +35,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from dq.validate.checker import (MAX_SHOWN, STAGE_MODES, WORKDIR_CONFIG, Checker, ConfigError,
-                                 base_config, is_section, one_line, show)
+from dq.validate.checker import (MAX_SHOWN, STAGE_MODES, Checker, ConfigError, base_config,
+                                 is_section, one_line, show)
 from dq.validate.common import OPTIMIZERS, SCHEDULES, check_keys, check_mode
 from dq.validate.fid import FID_RULES
 from dq.validate.stage1 import DISC_LOSSES, VAE_RULES, VAE_SHAPE_FIELDS
@@ -44,8 +44,8 @@ from dq.validate.stage2 import (THRESHOLDS_FILE, TRANSFORMER_RULES, TRANSFORMER_
                                 read_stage1_model_config)
 
 __all__ = ["DISC_LOSSES", "MAX_SHOWN", "OPTIMIZERS", "SCHEDULES", "STAGE_MODES",
-           "THRESHOLDS_FILE", "TRANSFORMER_SHAPE_FIELDS", "VAE_SHAPE_FIELDS", "WORKDIR_CONFIG",
-           "ConfigError", "base_config", "read_stage1_model_config", "validate_config"]
+           "THRESHOLDS_FILE", "TRANSFORMER_SHAPE_FIELDS", "VAE_SHAPE_FIELDS", "ConfigError",
+           "base_config", "read_stage1_model_config", "validate_config"]
 
 
 def validate_config(config: Any) -> None:

@@ -11,7 +11,6 @@ import ml_collections
 import numpy as np
 
 from dq import run_files
-from dq.run_files import WORKDIR_CONFIG  # noqa: F401  (re-exported for dq.validate)
 
 STAGE_MODES = {"vae": ("train", "eval"), "transformer": ("train", "sample", "encode"),
                "fid": ("reference", "stage1", "stage2")}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from dq.validate.checker import WORKDIR_CONFIG, Checker, is_int, read_json
+from dq.run_files import WORKDIR_CONFIG
+from dq.validate.checker import Checker, is_int, read_json
 from dq.validate.common import check_data, check_sampling, parse_labels
 from dq.validate.stage2 import stage1_facts
 

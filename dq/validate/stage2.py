@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from dq.validate.checker import (WORKDIR_CONFIG, Checker, is_int, is_remote, one_line, read_json,
-                                 run_config_path)
+from dq.run_files import WORKDIR_CONFIG
+from dq.validate.checker import Checker, is_int, is_remote, one_line, read_json, run_config_path
 from dq.validate.common import (check_data, check_mesh_and_batches, check_optim, check_sampling,
                                 check_sharding, check_train_loop, parse_labels)
 
@@ -140,7 +140,7 @@ def _check_transformer_stage1(c: Checker) -> None:
   """Rules 4 and 6: stage 1 exists and is dual grain; data image size, max_len, token meta,
   model fields against the stage-1 token layout."""
   from dq.stage2.build import build_transformer
-  from dq.stage2.tokens import TokenLayout
+  from dq.stage2.layout import TokenLayout
   facts = stage1_facts(c, "stage1.path", c.get("stage1.path"))
   image_size = c.get("data.image_size")
   max_len = c.integer("tokens.max_len", 0)
@@ -179,12 +179,13 @@ def _check_sampling_fits(c: Checker, layout: Any) -> None:
   """Sampler settings that do not fit the model (guidance without classes, top-k above the
   vocabulary); their ranges are checked with the other sampling rules."""
   from dq.stage2 import sampler
+  from dq.stage2.sampler_checks import check_sampling_fits
   try:
     settings = sampler.sampling_config_from(c.get("sample"))
   except (TypeError, ValueError):
     return  # out-of-range settings are reported by the sampling rule
   try:
-    sampler.check_sampling_fits(layout, settings)
+    check_sampling_fits(layout, settings)
   except ValueError as e:  # "sample.FIELD=VALUE <why>"
     field, _, rest = str(e).partition("=")
     name = field.split(".")[-1]
@@ -213,7 +214,7 @@ def _check_token_meta(c: Checker, layout: Any, num_classes: Optional[int]) -> No
 def _check_transformer_init_from(c: Checker, layout: Any, num_classes: Optional[int]) -> None:
   """`init_from` exists; a converted DQ-Transformer's vocabulary (codebook + special tokens +
   classes), grids and block size, or a stage-2 run's sizes, match this config."""
-  from dq.stage2.tokens import TokenLayout
+  from dq.stage2.layout import TokenLayout
   from dq.official import transformer as convert
   path = c.existing("init_from", "any", "a stage-2 workdir, checkpoint folder or converted "
                     "DQ-Transformer folder")
@@ -262,7 +263,7 @@ def _check_transformer_init_from(c: Checker, layout: Any, num_classes: Optional[
 
 def _check_transformer_misc(c: Checker) -> None:
   """Tokens, classes, labels, sampling (rules 4 and 7) and the data the mode reads (6)."""
-  from dq.stage2.tokens import FINE_ORDERS
+  from dq.stage2.layout import FINE_ORDERS
   fine_order = c.choice("tokens.fine_order", FINE_ORDERS)
   c.boolean("tokens.flip")
   c.integer("tokens.encode_batch_size", 1)

@@ -32,7 +32,8 @@ from dq.evaluation import inception as inc
 from dq.evaluation.evaluators import common, reference
 from dq.models.grains import fine_fraction
 from dq.stage2 import sampler as sampling
-from dq.stage2.tokens import TokenLayout, unpack_tokens_jax
+from dq.stage2.layout import TokenLayout
+from dq.stage2.tokens import unpack_tokens_jax
 from dq.train.progress import Progress
 
 
