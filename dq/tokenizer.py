@@ -23,6 +23,7 @@ import numpy as np
 from dq.models import entropy
 from dq.models.build import build_dqvae
 from dq.models.dqvae import DQVAE
+from dq.models.grains import grid_factors
 from dq.stage2.layout import TokenLayout
 from dq.stage2.tokens import pack_tokens_jax
 from dq.official import dqvae as convert
@@ -65,6 +66,35 @@ def _workdir_of(path: str) -> str:
   return os.path.dirname(config)
 
 
+def read_stage1_config(path: str) -> tuple[dict, str]:
+  """(model config dict, folder) of the DQ-VAE at `path`, without reading its weights: a
+  converted folder's model_config.json, or the config.json of a stage-1 workdir (`path` may be
+  the workdir, its checkpoints folder or one checkpoint). `load_stage1` and the config checks
+  (dq.validate) find a stage-1 model this one way.
+
+  Raises:
+    FileNotFoundError: neither file is there.
+    ValueError: the workdir is not a stage-1 run.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if _is_converted(path):
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    config_path = os.path.join(directory, convert.CONFIG_FILE)
+    if not os.path.isfile(config_path):
+      raise FileNotFoundError(f"converted DQ-VAE {path} has no {convert.CONFIG_FILE}")
+    with open(config_path) as f:
+      return json.load(f), directory
+  directory = _workdir_of(path)
+  config_path = os.path.join(directory, WORKDIR_CONFIG)
+  with open(config_path) as f:
+    config = json.load(f)
+  stage = config.get("stage", "vae")
+  if stage != "vae" or not isinstance(config.get("model"), dict):
+    raise ValueError(f"{config_path} is the config of a {stage!r} run, not of a stage-1 DQ-VAE "
+                     f"(config.stage='vae'); {STAGE1_HINT}")
+  return config["model"], directory
+
+
 def _model_config(model: dict) -> ml_collections.ConfigDict:
   model = dict(model)
   for field in convert.TUPLE_FIELDS:
@@ -73,17 +103,11 @@ def _model_config(model: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(model)
 
 
-def _read_workdir(workdir: str, path: str) -> tuple[dict, ml_collections.ConfigDict]:
-  """(variables, model config) of a dq stage-1 workdir."""
+def _read_workdir(path: str) -> tuple[dict, ml_collections.ConfigDict, str]:
+  """(variables, model config, workdir) of a dq stage-1 workdir or one of its checkpoints."""
   from dq import checkpoint  # Deferred: orbax is heavy.
 
-  config_path = os.path.join(workdir, WORKDIR_CONFIG)
-  with open(config_path) as f:
-    config = json.load(f)
-  stage = config.get("stage", "vae")
-  if stage != "vae" or "model" not in config:
-    raise ValueError(f"{config_path} is the config of a {stage!r} run, not of a stage-1 DQ-VAE "
-                     f"(config.stage='vae'); {STAGE1_HINT}")
+  model, workdir = read_stage1_config(path)
   try:
     restored = checkpoint.restore_params_from(path, field="stage-1 DQ-VAE")
   except FileNotFoundError as e:
@@ -93,7 +117,7 @@ def _read_workdir(workdir: str, path: str) -> tuple[dict, ml_collections.ConfigD
   if missing:
     raise ValueError(f"the checkpoint under {path} has no {missing} (not a DQ-VAE train state)")
   return ({"params": restored["params"], "codebook": restored["codebook"]},
-          _model_config(config["model"]))
+          _model_config(model), workdir)
 
 
 def _entropy_thresholds(model_cfg: ml_collections.ConfigDict, directory: str) -> tuple:
@@ -152,8 +176,7 @@ def load_stage1(path: str) -> Stage1:
     model_cfg = ml_collections.ConfigDict(cfg_dict)
     directory = path if os.path.isdir(path) else os.path.dirname(path)
   else:
-    directory = _workdir_of(path)
-    variables, model_cfg = _read_workdir(directory, path)
+    variables, model_cfg, directory = _read_workdir(path)
   if int(model_cfg.num_grains) != 2:
     raise ValueError(f"stage 2 supports dual-grain DQ-VAEs only; {path} has "
                      f"model.num_grains={model_cfg.num_grains}")
@@ -163,8 +186,8 @@ def load_stage1(path: str) -> Stage1:
   fingerprint = tokenizer_fingerprint(variables, model.entropy_thresholds)
   variables = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float32)), variables)
   image_size = int(model_cfg.resolution)
-  coarse = image_size // 2 ** (len(model_cfg.ch_mult) - 1)
-  fine = image_size // 2 ** (len(model_cfg.ch_mult) - 2)
+  coarse_factor, fine_factor = grid_factors(model_cfg.ch_mult, 2)
+  coarse, fine = image_size // coarse_factor, image_size // fine_factor
   return Stage1(model=model, variables=variables, model_cfg=model_cfg, image_size=image_size,
                 coarse_size=(coarse, coarse), fine_size=(fine, fine),
                 codebook_size=int(model_cfg.codebook_size), source=path,

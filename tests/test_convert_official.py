@@ -24,6 +24,7 @@ import pytest
 from dq.models.build import build_dqvae, default_model_config
 from dq.models.dqvae import code_weight_mask
 from dq.tools import convert_official_dqvae as conv
+from dq.official import dqvae as dqvae_conversion
 from dq.official.torch_pickle import (OpaqueObject, TorchCheckpointError, load_torch_checkpoint,
                                    load_torch_state_dict)
 
@@ -398,12 +399,12 @@ def test_infers_architecture_and_converts_variants(name):
   needs_resolution = cfg.position_type != "fourier+learned"
   if needs_resolution:
     with pytest.raises(ValueError, match="--resolution"):
-      conv.infer_model_config(sd)
-  inferred = conv.infer_model_config(sd, cfg.resolution if needs_resolution else None)
+      dqvae_conversion.infer_model_config(sd)
+  inferred = dqvae_conversion.infer_model_config(sd, cfg.resolution if needs_resolution else None)
   assert inferred == cfg.to_dict()
-  params, codebook = conv.convert_state_dict(sd)
+  params, codebook = dqvae_conversion.convert_state_dict(sd)
   variables = {"params": params, "codebook": codebook}
-  conv.check_converted(sd, variables, inferred)
+  dqvae_conversion.check_converted(sd, variables, inferred)
   jax.tree.map(np.testing.assert_array_equal, variables, expected)
 
 
@@ -413,9 +414,9 @@ def test_official_learned_only_decoder_converts_to_no_position_terms():
   sd, expected = official_state_dict(cfg)
   sd["decoder.position_bias.row_embed.weight"] = np.ones((16, 32), np.float32)
   sd["decoder.position_bias.col_embed.weight"] = np.ones((16, 32), np.float32)
-  inferred = conv.infer_model_config(sd, resolution=32)
+  inferred = dqvae_conversion.infer_model_config(sd, resolution=32)
   assert inferred["position_type"] == "none"
-  params, _ = conv.convert_state_dict(sd)
+  params, _ = dqvae_conversion.convert_state_dict(sd)
   jax.tree.map(np.testing.assert_array_equal, params, expected["params"])
 
 
@@ -423,24 +424,24 @@ def test_inference_and_check_errors_name_the_problem():
   cfg = small_config()
   sd, _ = official_state_dict(cfg)
   with pytest.raises(ValueError, match="resolution 64 disagrees.*give 32"):
-    conv.infer_model_config(sd, resolution=64)
+    dqvae_conversion.infer_model_config(sd, resolution=64)
   one_layer = {k: v for k, v in sd.items() if not k.startswith("encoder.router.gate")}
   one_layer["encoder.router.gate.weight"] = np.zeros((2, 64), np.float32)
   with pytest.raises(ValueError, match="encoder.router.gate.0.weight.*2layer-fc"):
-    conv.infer_model_config(one_layer)
+    dqvae_conversion.infer_model_config(one_layer)
   without_codebook = {k: v for k, v in sd.items() if not k.startswith("quantize.")}
   with pytest.raises(ValueError, match="quantize.codebook.weight"):
-    conv.infer_model_config(without_codebook)
+    dqvae_conversion.infer_model_config(without_codebook)
 
-  inferred = conv.infer_model_config(sd)
+  inferred = dqvae_conversion.infer_model_config(sd)
   extra = dict(sd, **{"encoder.extra_head.weight": np.zeros((4, 4), np.float32)})
-  params, codebook = conv.convert_state_dict(extra)
+  params, codebook = dqvae_conversion.convert_state_dict(extra)
   with pytest.raises(ValueError, match=r"unexpected 'encoder.extra_head.weight'"):
-    conv.check_converted(extra, {"params": params, "codebook": codebook}, inferred)
+    dqvae_conversion.check_converted(extra, {"params": params, "codebook": codebook}, inferred)
   missing = {k: v for k, v in sd.items() if k != "decoder.mid.attn_1.q.bias"}
-  params, codebook = conv.convert_state_dict(missing)
+  params, codebook = dqvae_conversion.convert_state_dict(missing)
   with pytest.raises(ValueError, match="missing params/decoder/mid/attn_1/q/bias"):
-    conv.check_converted(missing, {"params": params, "codebook": codebook}, inferred)
+    dqvae_conversion.check_converted(missing, {"params": params, "codebook": codebook}, inferred)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,7 +472,7 @@ def test_cli_on_fixture_matches_official_outputs(tmp_path, official_dqvae):
   assert "params/encoder/conv_in/kernel" in keys and "codebook/quantize/embedding" in keys
   assert not any("loss" in k for k in keys)
 
-  variables, model_cfg = conv.load_converted(str(out), str(tmp_path / "config.json"))
+  variables, model_cfg = dqvae_conversion.load_converted(str(out), str(tmp_path / "config.json"))
   official = json.loads(str(official_dqvae["config_json"]))
   assert model_cfg["ch_mult"] == tuple(official["encoder"]["ch_mult"])
   assert model_cfg["attn_resolutions"] == tuple(official["encoder"]["attn_resolutions"])
@@ -480,7 +481,7 @@ def test_cli_on_fixture_matches_official_outputs(tmp_path, official_dqvae):
       64, 64, 32)
   assert model_cfg["router"]["kind"] == "feature"
   assert model_cfg["position_type"] == "fourier+learned"
-  direct = conv.convert_state_dict(sd)
+  direct = dqvae_conversion.convert_state_dict(sd)
   jax.tree.map(np.testing.assert_array_equal, variables,
                {"params": direct[0], "codebook": direct[1]})
 
@@ -512,4 +513,4 @@ def test_cli_reports_bad_input_and_exit_code(tmp_path):
   assert "not a PyTorch checkpoint" in result.stderr and str(text) in result.stderr
   assert not (tmp_path / "o").exists()
   with pytest.raises(FileNotFoundError, match="no params.npz"):
-    conv.load_converted(str(tmp_path))
+    dqvae_conversion.load_converted(str(tmp_path))

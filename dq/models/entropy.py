@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dq.models.grains import GrainTargets
+from dq.models.grains import GrainTargets, grid_factors
 
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
 EPSILON = 1e-40
@@ -207,7 +207,7 @@ def write_thresholds_for_config(config: Any, output: str, num_images: int,
                                 batch_size: int = 32, seed: int = 0) -> dict:
   """Computes the table for a full config (region size = coarsest factor), saves it with its
   meta to `output` and returns it (with `meta`)."""
-  patch_size = 2**(len(config.model.ch_mult) - 1)
+  patch_size = grid_factors(config.model.ch_mult, 1)[0]  # the coarsest factor
   table = compute_entropy_thresholds(config.data, patch_size, num_images,
                                      batch_size=batch_size, seed=seed)
   meta = {
@@ -245,7 +245,7 @@ def resolve_entropy_thresholds(config: Any, workdir: str) -> tuple[float, ...]:
         write_thresholds_for_config(config, path, router.threshold_images, seed=config.seed)
       else:
         table = compute_entropy_thresholds(
-            config.data, patch_size=2 ** (len(config.model.ch_mult) - 1),
+            config.data, patch_size=grid_factors(config.model.ch_mult, 1)[0],
             num_images=router.threshold_images, seed=config.seed)
         return thresholds_from_table(table, router, config.model.num_grains)
   table = load_threshold_table(path)

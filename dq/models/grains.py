@@ -70,3 +70,15 @@ def fine_fraction(grain: Any, num_grains: int, per_image: bool = False) -> Any:
   over the batch, or [B] with `per_image`. Works on numpy and jax arrays (same type out)."""
   fine = (grain == num_grains - 1).reshape(grain.shape[0], -1)
   return fine.mean(axis=1) if per_image else fine.mean()
+
+
+def grid_factors(ch_mult: Any, num_grains: int) -> tuple[int, ...]:
+  """Downsampling factor of each grain, coarsest first: the encoder halves the resolution at
+  each of its `len(ch_mult) - 1` levels, the coarsest grain is taken at the last level and each
+  finer grain one level before (F = 2**(L-1), F/2, F/4). E.g. ch_mult (1, 1, 2, 2, 4), dual
+  grain: (16, 8); triple grain with six levels: (32, 16, 8)."""
+  levels = len(ch_mult)
+  if levels < num_grains:
+    raise ValueError(f"ch_mult {tuple(ch_mult)} has {levels} levels; {num_grains} grains need "
+                     f"at least {num_grains}")
+  return tuple(2 ** (levels - 1 - g) for g in range(num_grains))

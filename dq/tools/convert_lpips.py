@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dq.losses.lpips import convert_source  # noqa: F401  (also re-exported for callers)
+from dq.losses.lpips import convert_source
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -15,9 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dq.official.dqvae import (  # noqa: F401  (re-exported for callers of this module)
-    check_converted, convert_checkpoint, convert_state_dict, flatten, infer_model_config,
-    load_converted, save_converted)
+from dq.official.dqvae import convert_checkpoint, flatten
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,9 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from dq.official.dqvae import flatten
-from dq.official.transformer import (  # noqa: F401  (re-exported for callers of this module)
-    CONFIG_FILE, PARAMS_FILE, convert_checkpoint, infer_transformer_config,
-    load_converted_transformer, save_converted_transformer)
+from dq.official.transformer import convert_checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,7 @@ import optax
 from dq import sharding as sh
 from dq.losses import gan
 from dq.losses.budget import BudgetLoss
-from dq.models.grains import GrainTargets
+from dq.models.grains import GrainTargets, grid_factors
 from dq.losses.vae_loss import distill_loss, reconstruction_loss, vae_loss
 from dq.models.dqvae import DECODER_LAST_LAYER
 from dq.train.router_control import benefit_target, router_steering
@@ -105,7 +105,7 @@ def make_update_fn(model, tx: optax.GradientTransformation, schedule, *, loss_cf
       model=model, loss_cfg=loss_cfg, router_cfg=router_cfg, num_grains=num_grains,
       discriminator=discriminator, perceptual=perceptual,
       activation_sharding=activation_sharding, teacher_thresholds=teacher_thresholds,
-      patch_size=2 ** (len(model.ch_mult) - 1),
+      patch_size=grid_factors(model.ch_mult, 1)[0],
       use_gan=discriminator is not None and loss_cfg.get("disc_weight", 0.0) > 0,
       use_benefit=use_benefit,
       budget=BudgetLoss.from_config(loss_cfg, GrainTargets.from_router(router_cfg, num_grains))

@@ -25,7 +25,8 @@ Where the rules live:
 - `common`: the rules every stage shares (keys, mode, mesh and batches, sharding, optimizer,
   train loop, data, sample labels, sampling);
 - `stage1`: DQ-VAE rules (`VAE_RULES`);
-- `stage2`: DQ-Transformer rules (`TRANSFORMER_RULES`), `read_stage1_model_config`;
+- `stage2`: DQ-Transformer rules (`TRANSFORMER_RULES`; the stage-1 model is found by
+  `dq.tokenizer.read_stage1_config`, as the loader finds it);
 - `fid`: FID-job rules (`FID_RULES`);
 - `resume`: the fields a training run may not change when it resumes in its workdir
   (`RESUME_FIXED`, checked by `dq.train.workdir.TrainingRun`, not by `validate_config`: the
@@ -40,12 +41,11 @@ from dq.validate.checker import (MAX_SHOWN, STAGE_MODES, Checker, ConfigError, b
 from dq.validate.common import OPTIMIZERS, SCHEDULES, check_keys, check_mode
 from dq.validate.fid import FID_RULES
 from dq.validate.stage1 import DISC_LOSSES, VAE_RULES, VAE_SHAPE_FIELDS
-from dq.validate.stage2 import (THRESHOLDS_FILE, TRANSFORMER_RULES, TRANSFORMER_SHAPE_FIELDS,
-                                read_stage1_model_config)
+from dq.validate.stage2 import TRANSFORMER_RULES, TRANSFORMER_SHAPE_FIELDS
 
 __all__ = ["DISC_LOSSES", "MAX_SHOWN", "OPTIMIZERS", "SCHEDULES", "STAGE_MODES",
-           "THRESHOLDS_FILE", "TRANSFORMER_SHAPE_FIELDS", "VAE_SHAPE_FIELDS", "ConfigError",
-           "base_config", "read_stage1_model_config", "validate_config"]
+           "TRANSFORMER_SHAPE_FIELDS", "VAE_SHAPE_FIELDS", "ConfigError",
+           "base_config", "validate_config"]
 
 
 def validate_config(config: Any) -> None:

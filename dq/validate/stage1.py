@@ -7,7 +7,7 @@ import os
 from dq.losses.budget import BudgetLoss
 from dq.losses.gan import DISC_LOSSES
 from dq.fields import FieldError
-from dq.models.grains import GrainTargets
+from dq.models.grains import GrainTargets, grid_factors
 from dq.validate.checker import (Checker, is_int, is_remote, one_line, plain, read_json,
                                  run_config_path, show)
 from dq.validate.common import (check_data, check_mesh_and_batches, check_optim, check_sharding,
@@ -74,8 +74,8 @@ def _check_vae_model(c: Checker) -> None:
   if levels < grains:
     c.fail("model.ch_mult", ch_mult, f"expected at least {grains} levels for {grains} grains")
     return
-  coarse_factor = 2 ** (levels - 1)
-  fine_factor = 2 ** (levels - grains)
+  factors = grid_factors(ch_mult, grains)
+  coarse_factor, fine_factor = factors[0], factors[-1]
   explain = (f"the coarsest downsampling factor {coarse_factor} = 2**(len(model.ch_mult) - 1) "
              f"(ch_mult {tuple(ch_mult)}, {grains} grains: F={coarse_factor}"
              + "".join(f"/{coarse_factor >> g}" for g in range(1, grains)) + ")")

@@ -1,46 +1,19 @@
 """Stage-2 (DQ-Transformer) rules: the stage-1 model at `stage1.path` (grids, vocabulary,
 `tokens.max_len`), token meta, `init_from`, classes and sampling; `TRANSFORMER_RULES` lists them
-with the shared ones. Also `read_stage1_model_config` and `stage1_facts`, which FID jobs use."""
+with the shared ones. Also `stage1_facts`, which the FID rules use. The stage-1 model is found
+as `dq.tokenizer` finds it (`read_stage1_config`): one resolver for the checks and the loader."""
 from __future__ import annotations
 
 import os
 from typing import Any, Optional
 
-from dq.run_files import WORKDIR_CONFIG
+from dq.models.grains import grid_factors
+from dq.tokenizer import THRESHOLDS_FILE, read_stage1_config
 from dq.validate.checker import Checker, is_int, is_remote, one_line, read_json, run_config_path
 from dq.validate.common import (check_data, check_mesh_and_batches, check_optim, check_sampling,
                                 check_sharding, check_train_loop, parse_labels)
 
 TRANSFORMER_SHAPE_FIELDS = ("n_embd", "position_layers", "content_layers")
-THRESHOLDS_FILE = "entropy_thresholds.json"
-
-
-def read_stage1_model_config(path: str) -> tuple[dict, str]:
-  """(model config dict, folder) of the DQ-VAE at `path`, as `dq.tokenizer.load_stage1`
-  finds it: a converted folder's model_config.json or a stage-1 workdir's config.json.
-
-  Raises:
-    FileNotFoundError: neither file is there.
-    ValueError: the workdir is not a stage-1 run.
-  """
-  from dq.official import dqvae as convert  # Deferred: only stage 2 needs it.
-  path = os.path.abspath(path)
-  if os.path.isfile(os.path.join(path, convert.PARAMS_FILE)) or (
-      os.path.isfile(path) and path.endswith(".npz")):
-    directory = path if os.path.isdir(path) else os.path.dirname(path)
-    config_path = os.path.join(directory, convert.CONFIG_FILE)
-    if not os.path.isfile(config_path):
-      raise FileNotFoundError(f"converted DQ-VAE {path} has no {convert.CONFIG_FILE}")
-    return read_json(config_path), directory
-  config_path = run_config_path(path)
-  if config_path is None:
-    raise FileNotFoundError(f"{path} is neither a converted DQ-VAE folder (no "
-                            f"{convert.PARAMS_FILE}) nor a stage-1 workdir (no {WORKDIR_CONFIG})")
-  run = read_json(config_path)
-  if run.get("stage", "vae") != "vae" or not isinstance(run.get("model"), dict):
-    raise ValueError(f"{config_path} is the config of a {run.get('stage')!r} run, not of a "
-                     "stage-1 DQ-VAE")
-  return run["model"], os.path.dirname(config_path)
 
 
 def stage1_facts(c: Checker, field: str, path: Any, via: str = "") -> Optional[dict]:
@@ -63,7 +36,7 @@ def stage1_facts(c: Checker, field: str, path: Any, via: str = "") -> Optional[d
            "exist")
     return None
   try:
-    model, directory = read_stage1_model_config(path)
+    model, directory = read_stage1_config(path)
   except (OSError, ValueError) as e:
     report(f"expected a stage-1 DQ-VAE ({one_line(str(e))})")
     return None
@@ -74,7 +47,8 @@ def stage1_facts(c: Checker, field: str, path: Any, via: str = "") -> Optional[d
     return None
   try:
     num_grains, resolution = int(model["num_grains"]), int(model["resolution"])
-    levels, codebook_size = len(model["ch_mult"]), int(model["codebook_size"])
+    codebook_size = int(model["codebook_size"])
+    coarse_factor, fine_factor = grid_factors(model["ch_mult"], 2)
   except (KeyError, TypeError, ValueError) as e:
     report(f"expected a DQ-VAE model config with num_grains, resolution, ch_mult and "
            f"codebook_size ({type(e).__name__}: {e})")
@@ -89,8 +63,8 @@ def stage1_facts(c: Checker, field: str, path: Any, via: str = "") -> Optional[d
     if not os.path.isfile(table):
       report(f"expected the entropy-router threshold table {table} next to the DQ-VAE (its "
              "model.router.thresholds_path, else DIR/entropy_thresholds.json)")
-  coarse = resolution // 2 ** (levels - 1)
-  return {"path": path, "resolution": resolution, "coarse": coarse, "fine": 2 * coarse,
+  return {"path": path, "resolution": resolution, "coarse": resolution // coarse_factor,
+          "fine": resolution // fine_factor,
           "codebook_size": codebook_size}
 
 
