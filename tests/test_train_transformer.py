@@ -200,6 +200,21 @@ def test_resume_with_another_model_size_is_refused_before_building(stage1_dir, t
   assert open(os.path.join(workdir, "config.json"), "rb").read() == before
 
 
+def test_config_init_from_applies_on_a_fresh_start_only(stage1_dir, trained, tmp_path):
+  config = tiny_config(stage1_dir, 4)
+  config.init_from = trained["full_dir"]
+  env = tt.setup(config, str(tmp_path / "new"))
+  assert int(env["state"].step) == 0  # the run's params, a fresh step and optimizer
+  for a, b in zip(jax.tree.leaves(jax.device_get(env["state"].params)),
+                  jax.tree.leaves(jax.device_get(trained["full"].params))):
+    np.testing.assert_array_equal(a, b)
+  # A workdir with checkpoints resumes from them; init_from (here: a missing path) is not read.
+  import shutil
+  shutil.copytree(trained["split_dir"], tmp_path / "run")
+  config.init_from = str(tmp_path / "missing")
+  assert int(tt.setup(config, str(tmp_path / "run"))["state"].step) == 4
+
+
 def expected_strip_shape(rows):
   """A coarse-to-fine strip of `rows` 32 px samples at scale 2: a caption band, then rows of
   five 64 px frames (coarse, fine 25/50/75/100%) with 2 px separators."""

@@ -84,6 +84,23 @@ def test_batch_size_must_divide_devices(tmp_path):
     vae_trainer.train_and_evaluate(config, str(tmp_path))
 
 
+def test_config_init_from_applies_on_a_fresh_start_only(vae_run_4_steps, tmp_path):
+  from dq import checkpoint as ckpt
+  saved = ckpt.restore_params_from(vae_run_4_steps)
+  config = tiny_config(4, checkpoint_every=2)
+  config.init_from = vae_run_4_steps
+  state = vae_trainer.setup(config, str(tmp_path / "new"))[4]
+  assert int(state.step) == 0  # training starts at 0 from the run's params and codebook
+  for a, b in zip(jax.tree.leaves(jax.device_get((state.params, state.codebook))),
+                  jax.tree.leaves((saved["params"], saved["codebook"]))):
+    np.testing.assert_array_equal(a, b)
+  # A workdir with checkpoints resumes from them; init_from (here: a missing path) is not read.
+  import shutil
+  shutil.copytree(vae_run_4_steps, tmp_path / "run")
+  config.init_from = str(tmp_path / "missing")
+  assert int(vae_trainer.setup(config, str(tmp_path / "run"))[4].step) == 4
+
+
 def test_init_from_converted_official_weights(tmp_path, official_dqvae):
   import ml_collections
   from dq.models.build import build_dqvae

@@ -10,6 +10,7 @@ jitted once with explicit shardings and the state donated, as in stage 1.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Callable, Optional
@@ -31,8 +32,8 @@ from dq.stage2.build import build_transformer
 from dq.stage2.layout import TokenLayout
 from dq import checkpoint as ckpt
 from dq.train import throughput
-from dq.train.loop import TrainLoop, check_batch_size, guard_nonfinite
-from dq.train.state import abstract_with_shardings, sharded_init
+from dq.train import run_setup
+from dq.train.loop import TrainLoop
 from dq.train.transformer_sample import write_sample_grid
 from dq.train.transformer_step import (PACKED_KEYS, TransformerState, make_init_fn,
                                        make_transformer_optimizer, make_update_fn)
@@ -178,29 +179,22 @@ def setup(config: Any, workdir: str):
   record_stage1(workdir, stage1)
   data_cfg = resolve_data_config(config, stage1)
   layout = make_layout(config, stage1, data_cfg)
-  mesh = sh.make_mesh(config.get("mesh"))
-  local_bs = check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
+  mesh, local_bs = run_setup.mesh_and_local_batch(config.get("mesh"), config.train.batch_size)
   model = build_transformer(config.model, layout)
   tx, schedule = make_transformer_optimizer(config.optim, config.train.num_steps)
   init_fn = make_init_fn(model, tx, layout)
   rng = jax.random.PRNGKey(config.seed)
-  state_shardings = sh.state_shardings_from_config(jax.eval_shape(init_fn, rng), mesh,
-                                                   config.get("sharding"))
+  state_shardings = run_setup.state_shardings(init_fn, rng, mesh, config.get("sharding"))
   tokens = TrainTokens(config, stage1, data_cfg, layout, mesh, local_bs)
-  manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints,
-                              async_save=config.train.get("async_checkpointing", True))
-  restored = ckpt.restore_latest(
-      manager, lambda: abstract_with_shardings(init_fn, rng, state_shardings), tokens.iterator,
-      allow_data_restart=config.train.get("allow_data_restart", False))
-  if restored is not None:
-    state = restored[0]
-  else:
-    state, _ = sharded_init(init_fn, rng, lambda a: state_shardings)
-    if config.get("init_from"):
-      state = init_params_from(config.init_from, state,
-                               abstract_with_shardings(init_fn, rng, state_shardings))
+  run_state = run_setup.init_or_restore(
+      init_fn, rng, state_shardings, workdir, keep=config.train.keep_checkpoints,
+      async_save=config.train.get("async_checkpointing", True), data_iterator=tokens.iterator,
+      allow_data_restart=config.train.get("allow_data_restart", False),
+      init_from=(functools.partial(init_params_from, config.init_from) if config.get("init_from")
+                 else None))
   return dict(stage1=stage1, layout=layout, mesh=mesh, model=model, tx=tx, schedule=schedule,
-              state=state, state_shardings=state_shardings, tokens=tokens, manager=manager)
+              state=run_state.state, state_shardings=state_shardings, tokens=tokens,
+              manager=run_state.manager)
 
 
 def train_and_evaluate(config: Any, workdir: str) -> Optional[TransformerState]:
@@ -210,22 +204,20 @@ def train_and_evaluate(config: Any, workdir: str) -> Optional[TransformerState]:
     with run.phase("setup", skipped="nothing was trained or saved"):
       env = setup(config, workdir)
       run.record_config(int(jax.device_get(env["state"].step)))
-      env["train_step"] = jax.jit(
-          guard_nonfinite(make_update_fn(
-              env["model"], env["tx"], env["schedule"], layout=env["layout"],
-              label_dropout=config.label_dropout, class_conditional=config.class_conditional,
-              microbatches=config.train.get("microbatches", 1),
-              activation_sharding=sh.batch_sharding(env["mesh"]))),
-          in_shardings=(env["state_shardings"], sh.batch_sharding(env["mesh"])),
-          out_shardings=(env["state_shardings"], sh.replicated(env["mesh"])), donate_argnums=0)
+      env["train_step"] = run_setup.jit_train_step(
+          make_update_fn(env["model"], env["tx"], env["schedule"], layout=env["layout"],
+                         label_dropout=config.label_dropout,
+                         class_conditional=config.class_conditional,
+                         microbatches=config.train.get("microbatches", 1),
+                         activation_sharding=sh.batch_sharding(env["mesh"])),
+          env["mesh"], env["state_shardings"])
     return _train(config, workdir, run, env)
   return None
 
 
 def _train(config: Any, workdir: str, run: TrainingRun, env: dict) -> TransformerState:
-  layout, mesh, state, tokens, manager, train_step = (
-      env["layout"], env["mesh"], env["state"], env["tokens"], env["manager"],
-      env["train_step"])
+  layout, state, tokens, manager, train_step = (
+      env["layout"], env["state"], env["tokens"], env["manager"], env["train_step"])
   writer = create_writer(workdir, tensorboard=config.train.get("tensorboard", True))
   sample_every = config.train.get("sample_every", 0)
   generate = decode_partial = None

@@ -5,6 +5,7 @@ scratch. The step is jitted once with explicit shardings and the state donated.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -24,8 +25,9 @@ from dq.models.router import needs_entropy_thresholds
 from dq import checkpoint as ckpt
 from dq.train import throughput
 from dq.train.optim import make_optimizer
-from dq.train.loop import TrainLoop, check_batch_size, guard_nonfinite, warn_codebook_collapse
-from dq.train.state import TrainState, abstract_with_shardings, sharded_init
+from dq.train import run_setup
+from dq.train.loop import TrainLoop, warn_codebook_collapse
+from dq.train.state import TrainState, abstract_with_shardings
 from dq.train.vae_step import make_reconstruct_fn, make_update_fn
 from dq.train.workdir import TrainingRun
 from dq.train.writers import create_writer
@@ -102,33 +104,25 @@ def init_from(path: str, state: TrainState, abstract: TrainState,
 
 def setup(config: Any, workdir: str):
   """Mesh, model, optimizer, state (resumed or fresh) and the train iterator."""
-  mesh = sh.make_mesh(config.get("mesh"))
-  local_bs = check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
+  mesh, local_bs = run_setup.mesh_and_local_batch(config.get("mesh"), config.train.batch_size)
   model = build_model(config, workdir)
   tx, schedule = make_optimizer(config.optim, config.train.num_steps)
   discriminator, disc_tx = make_discriminator(config)
   init_fn = make_init_fn(model, tx, config.data.image_size, discriminator, disc_tx)
   rng = jax.random.PRNGKey(config.seed)
-  state_shardings = sh.state_shardings_from_config(jax.eval_shape(init_fn, rng), mesh,
-                                                   config.get("sharding"))
+  state_shardings = run_setup.state_shardings(init_fn, rng, mesh, config.get("sharding"))
 
   train_ds = pipeline.make_dataset(
       config.data, split="train", batch_size=local_bs, seed=config.seed, train=True,
       shard_index=jax.process_index(), shard_count=jax.process_count())
   train_iter = iter(train_ds)
-  manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints,
-                              async_save=config.train.get("async_checkpointing", True))
-  restored = ckpt.restore_latest(
-      manager, lambda: abstract_with_shardings(init_fn, rng, state_shardings), train_iter,
-      allow_data_restart=config.train.get("allow_data_restart", False))
-  if restored is not None:
-    state = restored[0]
-  else:
-    state, _ = sharded_init(init_fn, rng, lambda a: state_shardings)
-    if config.get("init_from"):
-      state = init_from(config.init_from, state, abstract_with_shardings(
-          init_fn, rng, state_shardings))
-  return mesh, model, tx, schedule, state, state_shardings, train_iter, manager
+  run_state = run_setup.init_or_restore(
+      init_fn, rng, state_shardings, workdir, keep=config.train.keep_checkpoints,
+      async_save=config.train.get("async_checkpointing", True), data_iterator=train_iter,
+      allow_data_restart=config.train.get("allow_data_restart", False),
+      init_from=(functools.partial(init_from, config.init_from) if config.get("init_from")
+                 else None))
+  return mesh, model, tx, schedule, run_state.state, state_shardings, train_iter, run_state.manager
 
 
 def train_and_evaluate(config: Any, workdir: str) -> TrainState | None:
@@ -148,10 +142,8 @@ def _make_train_step(config, workdir, mesh, model, tx, schedule, state_shardings
                              activation_sharding=sh.batch_sharding(mesh),
                              teacher_thresholds=resolve_entropy_thresholds(config, workdir)
                              if needs_entropy_thresholds(config.model.router) else ())
-  repl = sh.replicated(mesh)
-  return jax.jit(guard_nonfinite(update_fn),
-                 in_shardings=(state_shardings, sh.batch_sharding(mesh), repl),
-                 out_shardings=(state_shardings, repl), donate_argnums=0)
+  return run_setup.jit_train_step(update_fn, mesh, state_shardings,
+                                  extra_in_shardings=(sh.replicated(mesh),))
 
 
 def _train(config: Any, workdir: str, run: TrainingRun) -> TrainState:
@@ -240,8 +232,7 @@ def evaluate(config: Any, workdir: str) -> dict:
   tx, _ = make_optimizer(config.optim, config.train.num_steps)
   init_fn = make_init_fn(model, tx, config.data.image_size, *make_discriminator(config))
   rng = jax.random.PRNGKey(config.seed)
-  shardings = sh.state_shardings_from_config(jax.eval_shape(init_fn, rng), mesh,
-                                             config.get("sharding"))
+  shardings = run_setup.state_shardings(init_fn, rng, mesh, config.get("sharding"))
   abstract = abstract_with_shardings(init_fn, rng, shardings)
   manager = ckpt.make_manager(workdir, keep=config.train.keep_checkpoints)
   source = workdir if manager.latest_step() is not None else config.get("init_from")
