@@ -8,6 +8,7 @@ notebooks, tests) gets the same check; `dq.validate` turns a FieldError into its
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 
@@ -20,20 +21,31 @@ class FieldError(ValueError):
     super().__init__(f"config.{field} = {value!r}: {expectation}")
 
 
-def number(field: str, value: Any, low: float | None = None, high: float | None = None) -> float:
-  """`value` as a finite float within [low, high] (None: unbounded), else a FieldError naming
-  `field` with the interval dq.validate uses."""
+def number(field: str, value: Any, low: float | None = None, high: float | None = None,
+           low_open: bool = False) -> float:
+  """`value` as a finite float within [low, high] (None: unbounded; `low_open`: > low), else
+  a FieldError naming `field` with the interval dq.validate uses."""
   try:
     result = None if isinstance(value, (bool, str)) else float(value)
   except (TypeError, ValueError):
     result = None
   ok = result is not None and math.isfinite(result)
-  ok = ok and (low is None or result >= low) and (high is None or result <= high)
+  ok = ok and (low is None or (result > low if low_open else result >= low))
+  ok = ok and (high is None or result <= high)
   if not ok:
-    interval = (f"[{low}, {high}]" if low is not None and high is not None
-                else f">= {low}" if low is not None else f"<= {high}")
+    interval = (f"{'(' if low_open else '['}{low}, {high}]" if low is not None and high is not None
+                else f"{'>' if low_open else '>='} {low}" if low is not None else f"<= {high}")
     raise FieldError(field, value, f"expected a number {interval}")
   return result
+
+
+def integer(field: str, value: Any, minimum: int | None = None) -> int:
+  """`value` as an int >= `minimum` (not a bool or a float), else a FieldError naming `field`."""
+  is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+  if not is_int or (minimum is not None and value < minimum):
+    raise FieldError(field, value, "expected an int" + (f" >= {minimum}" if minimum is not None
+                                                        else ""))
+  return int(value)
 
 
 def choice(field: str, value: Any, choices: tuple) -> Any:

@@ -15,10 +15,13 @@ All of it is traced (the step is a traced scalar), so one compiled step serves e
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from dq import fields
 
 from dq.models.entropy import patch_entropy
 from dq.models.grains import GrainTargets
@@ -27,15 +30,56 @@ from dq.models.router import entropy_gate, needs_teacher
 TEACHERS = ("entropy", "detail")
 
 
+@dataclasses.dataclass(frozen=True)
+class RouterSchedule:
+  """The learned router's per-step controls (`model.router` fields), checked on creation:
+  the Gumbel temperature `temperature` -> `temperature_end` over `temperature_steps` steps
+  (0: constant), the teacher routing for `warmup_steps` steps and imitated for `distill_steps`
+  (0: the warm-up, -1: all training), `teacher` in TEACHERS."""
+  temperature: float = 1.0
+  temperature_end: float = 1.0
+  temperature_steps: int = 0
+  warmup_steps: int = 0
+  distill_steps: int = 0
+  teacher: str = "entropy"
+
+  def __post_init__(self):
+    checked = {
+        "temperature": fields.number("model.router.gumbel_temperature", self.temperature,
+                                     low=0.0, low_open=True),
+        "temperature_end": fields.number("model.router.gumbel_temperature_end",
+                                         self.temperature_end, low=0.0, low_open=True),
+        "temperature_steps": fields.integer("model.router.temperature_steps",
+                                            self.temperature_steps, 0),
+        "warmup_steps": fields.integer("model.router.warmup_steps", self.warmup_steps, 0),
+        "distill_steps": fields.integer("model.router.distill_steps", self.distill_steps, -1),
+        "teacher": fields.choice("model.router.teacher", self.teacher, TEACHERS)}
+    for name, value in checked.items():
+      object.__setattr__(self, name, value)
+
+  @classmethod
+  def from_router(cls, router_cfg: Any) -> "RouterSchedule":
+    """From a `model.router` section (missing fields: the paper's constant temperature and
+    no teacher)."""
+    t0 = router_cfg.gumbel_temperature
+    return cls(temperature=t0, temperature_end=router_cfg.get("gumbel_temperature_end", t0),
+               temperature_steps=router_cfg.get("temperature_steps", 0),
+               warmup_steps=router_cfg.get("warmup_steps", 0),
+               distill_steps=router_cfg.get("distill_steps", 0),
+               teacher=router_cfg.get("teacher", "entropy"))
+
+  def temperature_at(self, step: jax.Array) -> jax.Array:
+    """t0 * (t1 / t0) ** min(step / N, 1) (constant t0 when N = 0 or t1 = t0)."""
+    t0, t1, steps = self.temperature, self.temperature_end, self.temperature_steps
+    if steps <= 0 or t1 == t0:
+      return jnp.asarray(t0, jnp.float32)
+    progress = jnp.minimum(jnp.asarray(step, jnp.float32) / steps, 1.0)
+    return jnp.asarray(t0, jnp.float32) * jnp.power(t1 / t0, progress)
+
+
 def gumbel_temperature(router_cfg: Any, step: jax.Array) -> jax.Array:
-  """t0 * (t1 / t0) ** min(step / N, 1) (constant t0 when N = 0 or t1 = t0)."""
-  t0 = float(router_cfg.gumbel_temperature)
-  t1 = float(router_cfg.get("gumbel_temperature_end", t0))
-  steps = int(router_cfg.get("temperature_steps", 0))
-  if steps <= 0 or t1 == t0:
-    return jnp.asarray(t0, jnp.float32)
-  progress = jnp.minimum(jnp.asarray(step, jnp.float32) / steps, 1.0)
-  return jnp.asarray(t0, jnp.float32) * jnp.power(t1 / t0, progress)
+  """The step's Gumbel temperature (`RouterSchedule.temperature_at`)."""
+  return RouterSchedule.from_router(router_cfg).temperature_at(step)
 
 
 def patch_detail(x: jax.Array, patch_size: int) -> jax.Array:
@@ -67,17 +111,15 @@ def teacher_gate(router_cfg: Any, x: jax.Array, teacher_thresholds: Sequence[flo
                  patch_size: int, num_grains: int) -> jax.Array:
   """The warm-up teacher's one-hot gate [B, hc, wc, G] for images x (no gradient)."""
   x = jax.lax.stop_gradient(x)
-  teacher = router_cfg.get("teacher", "entropy")
+  teacher = RouterSchedule.from_router(router_cfg).teacher  # checked: one of TEACHERS
   if teacher == "entropy":
     if not teacher_thresholds:
       raise ValueError("the entropy teacher (model.router.teacher='entropy') needs the entropy "
                        "router's thresholds (make_update_fn(..., teacher_thresholds=...))")
     return entropy_gate(patch_entropy(x, patch_size), teacher_thresholds)
-  if teacher == "detail":
-    targets = GrainTargets.from_router(router_cfg, num_grains)
-    return top_fraction_gate(patch_detail(x, patch_size), targets.fine, targets.median,
-                             num_grains)
-  raise ValueError(f"model.router.teacher={teacher!r}: expected one of {TEACHERS}")
+  targets = GrainTargets.from_router(router_cfg, num_grains)  # teacher == "detail"
+  return top_fraction_gate(patch_detail(x, patch_size), targets.fine, targets.median,
+                           num_grains)
 
 
 def router_steering(router_cfg: Any, step: jax.Array, x: jax.Array,
@@ -91,12 +133,13 @@ def router_steering(router_cfg: Any, step: jax.Array, x: jax.Array,
   """
   if router_cfg.kind != "feature":
     return {}, None, jnp.zeros((), jnp.float32)
-  kwargs = {"temperature": gumbel_temperature(router_cfg, step)}
+  schedule = RouterSchedule.from_router(router_cfg)
+  kwargs = {"temperature": schedule.temperature_at(step)}
   if not needs_teacher(router_cfg):
     return kwargs, None, jnp.zeros((), jnp.float32)
   teacher = teacher_gate(router_cfg, x, teacher_thresholds, patch_size, num_grains)
-  warmup = int(router_cfg.get("warmup_steps", 0))
-  distill = int(router_cfg.get("distill_steps", 0)) or warmup
+  warmup = schedule.warmup_steps
+  distill = schedule.distill_steps or warmup
   step = jnp.asarray(step)
   imitate = jnp.asarray(True) if distill < 0 else step < distill
   kwargs.update(route_gate=teacher, use_route_gate=step < warmup)

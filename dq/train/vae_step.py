@@ -20,7 +20,7 @@ from dq.losses.budget import BudgetLoss
 from dq.models.grains import GrainTargets, grid_factors
 from dq.losses.vae_loss import distill_loss, reconstruction_loss, vae_loss
 from dq.models.dqvae import DECODER_LAST_LAYER
-from dq.train.router_control import benefit_target, router_steering
+from dq.train.router_control import RouterSchedule, benefit_target, router_steering
 from dq.train.state import TrainState
 
 
@@ -110,6 +110,8 @@ def make_update_fn(model, tx: optax.GradientTransformation, schedule, *, loss_cf
       use_benefit=use_benefit,
       budget=BudgetLoss.from_config(loss_cfg, GrainTargets.from_router(router_cfg, num_grains))
       if router_cfg.kind == "feature" else None)
+  if router_cfg.kind == "feature":
+    RouterSchedule.from_router(router_cfg)  # its fields are checked here, before tracing
 
   def update_fn(state: TrainState, batch: dict, frozen: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)

@@ -42,18 +42,14 @@ def _check_vae_model(c: Checker) -> None:
              or GrainTargets(0.0, num_grains=num_grains or 2))  # (budget fields checked anyway)
   if kind == "fixed":
     _section_check(c, lambda: targets.fixed_grain)
-  c.number("model.router.gumbel_temperature", low=0.0, low_open=True)
   c.existing("model.router.thresholds_path", "file", "an entropy threshold table of "
              "python -m dq.tools.entropy_thresholds")
-  warmup = c.integer("model.router.warmup_steps", 0)
-  distill = c.integer("model.router.distill_steps", -1)
-  from dq.train.router_control import TEACHERS
-  teacher = c.choice("model.router.teacher", TEACHERS)
-  entropy_teacher = kind == "feature" and (warmup or distill) and teacher == "entropy"
+  from dq.train.router_control import RouterSchedule
+  schedule = _section_check(c, lambda: RouterSchedule.from_router(router))
+  entropy_teacher = (kind == "feature" and schedule is not None and schedule.teacher == "entropy"
+                     and (schedule.warmup_steps or schedule.distill_steps))
   if (kind == "entropy" or entropy_teacher) and not c.get("model.router.thresholds_path"):
     c.integer("model.router.threshold_images", 1)
-  c.integer("model.router.temperature_steps", 0)
-  c.number("model.router.gumbel_temperature_end", low=0.0, low_open=True)
   _section_check(c, lambda: BudgetLoss.from_config(c.get("loss"), targets))
   c.number("loss.router_distill_weight", low=0.0)
   benefit = c.number("loss.router_benefit_weight", low=0.0)

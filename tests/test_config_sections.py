@@ -1,6 +1,6 @@
-"""Grain targets, the one grain-map fine fraction, and the budget loss owning its fields:
-each section's check runs where the code reads the values (build_dqvae, the stage-1 step),
-with the message dq.validate prints."""
+"""Config sections that check themselves where the code reads them (build_dqvae, the stage-1
+step), with the message dq.validate prints: grain targets (+ the one grain-map fine fraction),
+the budget loss's fields, the learned router's schedule."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -112,3 +112,39 @@ def test_stage1_step_checks_the_budget_before_tracing():
   with pytest.raises(FieldError, match="config.loss.budget_on = 'soft'"):
     make_update_fn(build_dqvae(model_cfg), optax.sgd(0.1), lambda step: 0.1, loss_cfg=loss_cfg,
                    router_cfg=model_cfg.router, num_grains=2)
+
+
+@pytest.mark.parametrize("field,value,expectation", [
+    ("gumbel_temperature", 0.0, "expected a number > 0.0"),
+    ("gumbel_temperature_end", -1.0, "expected a number > 0.0"),
+    ("temperature_steps", 2.5, "expected an int >= 0"),
+    ("warmup_steps", -1, "expected an int >= 0"),
+    ("distill_steps", -2, "expected an int >= -1"),
+    ("teacher", "oracle", "expected one of ('entropy', 'detail')")])
+def test_router_schedule_checks_its_fields(field, value, expectation):
+  from dq.train.router_control import RouterSchedule
+  defaults = default_model_config().router.to_dict()
+  RouterSchedule.from_router(ml_collections.ConfigDict(defaults))  # the defaults pass
+  router = ml_collections.ConfigDict(dict(defaults, **{field: value}))
+  with pytest.raises(FieldError) as info:
+    RouterSchedule.from_router(router)
+  assert (info.value.field, info.value.expectation) == (f"model.router.{field}", expectation)
+
+
+def test_router_schedule_temperature_is_the_geometric_anneal():
+  from dq.train.router_control import RouterSchedule
+  schedule = RouterSchedule(temperature=2.0, temperature_end=0.5, temperature_steps=100)
+  for step in (0, 25, 100, 400):
+    np.testing.assert_allclose(schedule.temperature_at(jnp.asarray(step)),
+                               2.0 * 0.25 ** (min(step, 100) / 100), rtol=1e-6)
+  assert float(RouterSchedule(temperature=2.0, temperature_end=0.5).temperature_at(50)) == 2.0
+
+
+def test_stage1_step_checks_the_router_schedule_before_tracing():
+  from dq.train.vae_step import make_update_fn
+  import optax
+  model_cfg = default_model_config()
+  model_cfg.router.teacher = "oracle"
+  with pytest.raises(FieldError, match="config.model.router.teacher = 'oracle'"):
+    make_update_fn(build_dqvae(model_cfg), optax.sgd(0.1), lambda step: 0.1,
+                   loss_cfg=_loss_cfg(), router_cfg=model_cfg.router, num_grains=2)
