@@ -69,6 +69,7 @@ import ml_collections
 import numpy as np
 
 from dq.configs import ROUTER_RECIPES, set_fields
+from dq.validate import validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("smoke", "quick", "full")
@@ -483,6 +484,7 @@ def train_stage1(settings: Settings, workdir: str, clock: PhaseClock) -> tuple[d
     for seed in settings.seeds:
       run_dir = run_dir_of(workdir, name, seed)
       config = vae_config(settings, spec, thresholds_path, seed)
+      validate_config(config)  # the checks dq.main runs, before anything is built
       _check_run_dir(config, run_dir)
       tag = f"vae/{name}/seed{seed}"
       state = clock.run(f"{tag}/train", vae_trainer.train_and_evaluate, config, run_dir)
@@ -510,6 +512,7 @@ def train_transformer(settings: Settings, name: str, stage1_dir: str, vae_cfg,
   from dq.stage2.build import build_transformer
   from dq.train import transformer_trainer as trainer
   config = transformer_config(settings, stage1_dir, vae_cfg)
+  validate_config(config)
   out_dir = os.path.join(workdir, "transformer", name)
   state = clock.run(f"transformer/{name}/train", trainer.train_and_evaluate, config, out_dir)
   stage1 = gen.load_stage1(config)
