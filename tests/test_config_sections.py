@@ -74,9 +74,9 @@ def test_fine_fraction_matches_numpy_on_numpy_and_jax(num_grains):
 
 
 def _loss_cfg(**overrides):
-  return ml_collections.ConfigDict(dict(dict(budget_gamma=10.0, budget_calculate_all=True,
-                                             budget_on="hard", budget_triple="official"),
-                                        **overrides))
+  """The stage-1 base config's loss section with `overrides`."""
+  from dq.configs import vae_base_config
+  return ml_collections.ConfigDict(dict(vae_base_config().loss.to_dict(), **overrides))
 
 
 @pytest.mark.parametrize("on", ["hard", "expected"])
@@ -148,3 +148,37 @@ def test_stage1_step_checks_the_router_schedule_before_tracing():
   with pytest.raises(FieldError, match="config.model.router.teacher = 'oracle'"):
     make_update_fn(build_dqvae(model_cfg), optax.sgd(0.1), lambda step: 0.1,
                    loss_cfg=_loss_cfg(), router_cfg=model_cfg.router, num_grains=2)
+
+
+@pytest.mark.parametrize("field", ["l1_weight", "perceptual_weight", "codebook_weight",
+                                   "budget_weight", "router_distill_weight"])
+def test_stage1_loss_checks_its_weights(field):
+  from dq.configs import vae_base_config
+  from dq.losses.vae_loss import Stage1Loss
+  config = vae_base_config()
+  config.loss[field] = -0.5
+  with pytest.raises(FieldError) as info:
+    Stage1Loss.from_config(config.loss, config.model.router, 2)
+  assert (info.value.field, info.value.expectation) == (f"loss.{field}", "expected a number >= 0.0")
+
+
+def test_stage1_loss_terms_follow_the_router_kind():
+  from dq.configs import vae_base_config
+  from dq.losses.vae_loss import Stage1Loss
+  config = vae_base_config()
+  logits = jax.random.normal(jax.random.PRNGKey(2), (2, 2, 2, 2))
+  x = jnp.zeros((2, 8, 8, 3))
+  outputs = {"xrec": x + 0.5, "codebook_loss": jnp.float32(0.25), "gate_logits": logits,
+             "gate": jax.nn.one_hot(jnp.argmax(logits, -1), 2)}
+  teacher = jax.nn.one_hot(jnp.zeros((2, 2, 2), jnp.int32), 2)
+  learned = Stage1Loss.from_config(config.loss, config.model.router, 2)
+  total, terms = learned(x, outputs, teacher_gate=teacher, teacher_weight=1.0)
+  assert set(terms) == {"l1", "codebook", "budget", "router_distill"}
+  np.testing.assert_allclose(total, 0.5 + 0.25 + terms["budget"] + terms["router_distill"],
+                             rtol=1e-6)
+  config.model.router.kind = "entropy"
+  entropy = Stage1Loss.from_config(config.loss, config.model.router, 2)
+  assert entropy.budget is None
+  total, terms = entropy(x, outputs, teacher_gate=teacher, teacher_weight=1.0)
+  assert set(terms) == {"l1", "codebook"}
+  np.testing.assert_allclose(total, 0.75, rtol=1e-6)

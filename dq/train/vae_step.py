@@ -16,9 +16,8 @@ import optax
 
 from dq import sharding as sh
 from dq.losses import gan
-from dq.losses.budget import BudgetLoss
-from dq.models.grains import GrainTargets, grid_factors
-from dq.losses.vae_loss import distill_loss, reconstruction_loss, vae_loss
+from dq.models.grains import grid_factors
+from dq.losses.vae_loss import Stage1Loss, distill_loss
 from dq.models.dqvae import DECODER_LAST_LAYER
 from dq.train.router_control import RouterSchedule, benefit_target, router_steering
 from dq.train.state import TrainState
@@ -53,7 +52,7 @@ class _StepSpec:
   patch_size: int  # the coarsest factor (the entropy teacher's patch)
   use_gan: bool
   use_benefit: bool
-  budget: BudgetLoss | None  # the feature router's budget (its fields checked at build time)
+  loss: Stage1Loss  # the generator loss (weights, the learned router's budget), checked
 
   @property
   def disc_kind(self) -> str:
@@ -108,8 +107,7 @@ def make_update_fn(model, tx: optax.GradientTransformation, schedule, *, loss_cf
       patch_size=grid_factors(model.ch_mult, 1)[0],
       use_gan=discriminator is not None and loss_cfg.get("disc_weight", 0.0) > 0,
       use_benefit=use_benefit,
-      budget=BudgetLoss.from_config(loss_cfg, GrainTargets.from_router(router_cfg, num_grains))
-      if router_cfg.kind == "feature" else None)
+      loss=Stage1Loss.from_config(loss_cfg, router_cfg, num_grains))  # fields checked here
   if router_cfg.kind == "feature":
     RouterSchedule.from_router(router_cfg)  # its fields are checked here, before tracing
 
@@ -159,9 +157,8 @@ class _StepLosses:
         {"params": params, "codebook": state.codebook}, x, train=True, mutable=mutable,
         rngs=rngs, capture_intermediates=capture_latents, **steer)
     outputs = {**outputs, "xrec": spec.constrain(outputs["xrec"])}  # [b, H, W, 3]
-    loss, terms = vae_loss(x, outputs, loss_cfg=spec.loss_cfg, router_cfg=spec.router_cfg,
-                           num_grains=spec.num_grains, perceptual=self.percept,
-                           teacher_gate=teacher, teacher_weight=teacher_weight)
+    loss, terms = spec.loss(x, outputs, perceptual=self.percept, teacher_gate=teacher,
+                            teacher_weight=teacher_weight)
     if spec.use_benefit:
       loss, terms = self._add_benefit_loss(params, x, rngs, outputs, steer, loss, terms)
     if "temperature" in steer:
@@ -186,7 +183,7 @@ class _StepLosses:
     h = jax.lax.stop_gradient(new_vars["intermediates"]["decoder"]["last_layer_input"][0])
     kernel = jax.lax.stop_gradient(_get(params, DECODER_LAST_LAYER[:-1])["kernel"])
     y = jax.lax.stop_gradient(xrec)
-    dy_nll = jax.grad(lambda y: reconstruction_loss(x, y, spec.loss_cfg, self.percept)[0])(y)
+    dy_nll = jax.grad(lambda y: spec.loss.reconstruction(x, y, self.percept)[0])(y)
     dy_g = jax.grad(lambda y: gan.generator_loss(
         self.disc_logits(state.disc_params, state.disc_batch_stats, y)[0], spec.disc_kind))(y)
     d_weight = gan.adaptive_weight(last_layer_grad(h, kernel, dy_nll),
@@ -204,7 +201,7 @@ class _StepLosses:
         train=True, rngs=rngs, route_gate=1.0 - gate, use_route_gate=True,
         temperature=steer.get("temperature"))["xrec"]
     target, _ = benefit_target(x, outputs["xrec"], jax.lax.stop_gradient(flipped),
-                               outputs["grain"], spec.budget.targets.fine, spec.patch_size)
+                               outputs["grain"], spec.loss.budget.targets.fine, spec.patch_size)
     terms = {**terms, "router_benefit": distill_loss(outputs["gate_logits"], target)}
     return loss + spec.loss_cfg.router_benefit_weight * terms["router_benefit"], terms
 
@@ -287,8 +284,8 @@ def _apply_updates(spec: _StepSpec, state: TrainState, tx, disc_tx, schedule,
              **result["extra"], **result["code_metrics"]}
   metrics["grad_norm"] = optax.global_norm(grads)
   metrics["lr"] = schedule(state.step)
-  if spec.budget is not None:  # the budget's target, logged next to the coded ratio
-    metrics["fine_ratio_target"] = jnp.float32(spec.budget.targets.fine)
+  if spec.loss.budget is not None:  # the budget's target, logged next to the coded ratio
+    metrics["fine_ratio_target"] = jnp.float32(spec.loss.budget.targets.fine)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             codebook=result["codebook"])
   if spec.use_gan:
