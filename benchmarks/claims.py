@@ -7,9 +7,9 @@ Stage 1 trains, with the same steps, batch, seed, data order, widths and codeboo
 DQ-VAE of `configs/demo_vae.py`: coarse factor 8, fine factor 4):
 - `fixed_coarse` / `fixed_fine`: fixed-length VQ grids at the coarse / fine factor. They are the
   DQ-VAE with `model.router.kind = 'fixed'` (every region at one grain, chosen by
-  `router.fine_ratio` 0.0 or 1.0; see `dq.models.grains.GrainTargets.fixed_grain`): the same encoder,
-  quantizer, positional decoder and loss, minus the router, and with no budget loss (the loss
-  only has a budget term for the learned feature router). Forcing the entropy router with
+  `router.fine_ratio` 0.0 or 1.0; see `dq.models.grains.GrainTargets.fixed_grain`): the same
+  encoder, quantizer, positional decoder and loss, minus the router, and with no budget loss
+  (the loss only has a budget term for the learned feature router). Forcing the entropy router with
   extreme thresholds was not used: dataset percentiles cannot guarantee all-coarse or all-fine
   grids on held-out images.
 - `feature_<r>` / `entropy_<r>`: DQ-VAE with the learned feature router (budget loss, target

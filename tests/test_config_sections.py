@@ -182,3 +182,24 @@ def test_stage1_loss_terms_follow_the_router_kind():
   total, terms = entropy(x, outputs, teacher_gate=teacher, teacher_weight=1.0)
   assert set(terms) == {"l1", "codebook"}
   np.testing.assert_allclose(total, 0.75, rtol=1e-6)
+
+
+@pytest.mark.parametrize("overrides,field,expectation", [
+    (dict(disc_weight=-1.0), "loss.disc_weight", "expected a number >= 0.0"),
+    (dict(disc_start=-3), "loss.disc_start", "expected an int >= 0"),
+    (dict(disc_weight=0.5, disc_loss="wasserstein"), "loss.disc_loss",
+     "expected one of ('hinge', 'non_saturating')"),
+    (dict(adaptive_weight_max=0.0), "loss.adaptive_weight_max", "expected a number > 0.0")])
+def test_adversarial_loss_checks_its_fields(overrides, field, expectation):
+  from dq.losses.gan import AdversarialLoss
+  with pytest.raises(FieldError) as info:
+    AdversarialLoss.from_config(_loss_cfg(**overrides))
+  assert (info.value.field, info.value.expectation) == (field, expectation)
+
+
+def test_adversarial_kind_is_only_read_when_the_gan_is_on():
+  from dq.losses.gan import AdversarialLoss
+  off = AdversarialLoss.from_config(_loss_cfg(disc_weight=0.0, disc_loss="wasserstein"))
+  assert off.weight == 0.0
+  on = AdversarialLoss.from_config(_loss_cfg(disc_weight=0.75, disc_start=30, disc_loss="hinge"))
+  assert (on.weight, on.start, on.kind) == (0.75, 30, "hinge")

@@ -5,8 +5,9 @@ Terms: L1 reconstruction, LPIPS perceptual (when `perceptual_weight > 0`), codeb
 and, during a router warm-up, the router's imitation (distillation) loss.
 
 `Stage1Loss` holds the weights (checked on creation) and the budget; `vae_loss` builds it from
-the config sections. Router loss fields (`config.loss`): the budget's `budget_gamma`, `budget_calculate_all`,
-`budget_on`, `budget_triple` (`dq.losses.budget.BudgetLoss`, which owns and checks them);
+the config sections. Router loss fields (`config.loss`): the budget's `budget_gamma`,
+`budget_calculate_all`, `budget_on`, `budget_triple` (`dq.losses.budget.BudgetLoss`, which
+owns and checks them);
 `router_distill_weight` (cross-entropy of the router's logits against the warm-up teacher's
 gate, while the teacher routes).
 The adversarial term is added by the train step (`dq/train/vae_step.py`), which needs the
@@ -72,11 +73,15 @@ class Stage1Loss:
     learned = router_cfg.kind == "feature"
     budget = (BudgetLoss.from_config(loss_cfg, GrainTargets.from_router(router_cfg, num_grains))
               if learned else None)
-    return cls(l1_weight=loss_cfg.l1_weight,
-               perceptual_weight=loss_cfg.get("perceptual_weight", 0.0),
-               codebook_weight=loss_cfg.codebook_weight, budget_weight=loss_cfg.budget_weight,
-               distill_weight=loss_cfg.get("router_distill_weight", 1.0),
-               learned_router=learned, budget=budget)
+    return cls(**cls.weights_from(loss_cfg), learned_router=learned, budget=budget)
+
+  @staticmethod
+  def weights_from(loss_cfg: Any) -> dict:
+    """The loss weights of a `loss` section, as Stage1Loss's keyword arguments."""
+    return dict(l1_weight=loss_cfg.l1_weight,
+                perceptual_weight=loss_cfg.get("perceptual_weight", 0.0),
+                codebook_weight=loss_cfg.codebook_weight, budget_weight=loss_cfg.budget_weight,
+                distill_weight=loss_cfg.get("router_distill_weight", 1.0))
 
   def reconstruction(self, x: jnp.ndarray, xrec: jnp.ndarray, perceptual: Callable | None
                      ) -> tuple[jnp.ndarray, dict]:

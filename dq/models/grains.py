@@ -11,8 +11,8 @@ triple-grain model, at the median grain); the rest is coarse. Each router reache
 - the warm-up teacher 'detail': the top fraction of regions by high-frequency detail.
 
 `GrainTargets` checks the values where they are read (every entry point gets the same check;
-`dq.validate` prints its FieldError as a failure line); `fine_fraction` is the one fine ratio of a grain
-map (int [B, h, w], 0 = coarsest), for numpy and jax arrays alike.
+`dq.validate` prints its FieldError as a failure line); `fine_fraction` is the one fine ratio
+of a grain map (int [B, h, w], 0 = coarsest), for numpy and jax arrays alike.
 """
 from __future__ import annotations
 

@@ -42,7 +42,6 @@ def _get(tree, path):
 class _StepSpec:
   """What `make_update_fn` fixes at build time; the step pieces below read it."""
   model: Any
-  loss_cfg: Any
   router_cfg: Any
   num_grains: int
   discriminator: Any
@@ -51,12 +50,17 @@ class _StepSpec:
   teacher_thresholds: tuple
   patch_size: int  # the coarsest factor (the entropy teacher's patch)
   use_gan: bool
-  use_benefit: bool
+  benefit_weight: float  # > 0: the router's cross-entropy against the measured benefit
   loss: Stage1Loss  # the generator loss (weights, the learned router's budget), checked
+  adversarial: gan.AdversarialLoss  # the GAN term (weight, start step, kind), checked
 
   @property
   def disc_kind(self) -> str:
-    return self.loss_cfg.get("disc_loss", "hinge")
+    return self.adversarial.kind
+
+  @property
+  def use_benefit(self) -> bool:
+    return self.benefit_weight > 0
 
   def constrain(self, y: jax.Array) -> jax.Array:
     return sh.constrain_batch(y, self.activation_sharding)
@@ -96,18 +100,21 @@ def make_update_fn(model, tx: optax.GradientTransformation, schedule, *, loss_cf
   """
   if microbatches < 1:
     raise ValueError(f"config.train.microbatches must be >= 1; got {microbatches}")
-  use_benefit = router_cfg.kind == "feature" and loss_cfg.get("router_benefit_weight", 0.0) > 0
-  if use_benefit and num_grains != 2:
+  benefit_weight = (float(loss_cfg.get("router_benefit_weight", 0.0))
+                    if router_cfg.kind == "feature" else 0.0)
+  if benefit_weight > 0 and num_grains != 2:
     raise ValueError("config.loss.router_benefit_weight > 0 needs a dual-grain model (the "
                      f"benefit compares the two grains); got num_grains={num_grains}")
+  adversarial = gan.AdversarialLoss.from_config(loss_cfg)  # fields checked here
   spec = _StepSpec(
-      model=model, loss_cfg=loss_cfg, router_cfg=router_cfg, num_grains=num_grains,
+      model=model, router_cfg=router_cfg, num_grains=num_grains,
       discriminator=discriminator, perceptual=perceptual,
       activation_sharding=activation_sharding, teacher_thresholds=teacher_thresholds,
       patch_size=grid_factors(model.ch_mult, 1)[0],
-      use_gan=discriminator is not None and loss_cfg.get("disc_weight", 0.0) > 0,
-      use_benefit=use_benefit,
-      loss=Stage1Loss.from_config(loss_cfg, router_cfg, num_grains))  # fields checked here
+      use_gan=discriminator is not None and adversarial.weight > 0,
+      benefit_weight=benefit_weight,
+      loss=Stage1Loss.from_config(loss_cfg, router_cfg, num_grains),  # fields checked here
+      adversarial=adversarial)
   if router_cfg.kind == "feature":
     RouterSchedule.from_router(router_cfg)  # its fields are checked here, before tracing
 
@@ -134,7 +141,7 @@ class _StepLosses:
     self.spec, self.state = spec, state
     self.percept = None if spec.perceptual is None else (
         lambda a, b: spec.perceptual(frozen, a, b))
-    self.disc_factor = gan.adopt_weight(state.step, spec.loss_cfg.get("disc_start", 0))
+    self.disc_factor = gan.adopt_weight(state.step, spec.adversarial.start)
 
   def disc_logits(self, disc_params, batch_stats, images):
     logits, new = self.spec.discriminator.apply(
@@ -188,8 +195,8 @@ class _StepLosses:
         self.disc_logits(state.disc_params, state.disc_batch_stats, y)[0], spec.disc_kind))(y)
     d_weight = gan.adaptive_weight(last_layer_grad(h, kernel, dy_nll),
                                    last_layer_grad(h, kernel, dy_g),
-                                   spec.loss_cfg.get("adaptive_weight_max", 1e4))
-    return generator_loss, d_weight * spec.loss_cfg.disc_weight * self.disc_factor
+                                   spec.adversarial.adaptive_weight_max)
+    return generator_loss, d_weight * spec.adversarial.weight * self.disc_factor
 
   def _add_benefit_loss(self, params, x, rngs, outputs, steer, loss, terms):
     """The router's cross-entropy against the measured benefit of fine coding: one more
@@ -203,7 +210,7 @@ class _StepLosses:
     target, _ = benefit_target(x, outputs["xrec"], jax.lax.stop_gradient(flipped),
                                outputs["grain"], spec.loss.budget.targets.fine, spec.patch_size)
     terms = {**terms, "router_benefit": distill_loss(outputs["gate_logits"], target)}
-    return loss + spec.loss_cfg.router_benefit_weight * terms["router_benefit"], terms
+    return loss + spec.benefit_weight * terms["router_benefit"], terms
 
   def discriminator(self, disc_params, batch_stats, real, fake, scale: float):
     logits_real, stats = self.disc_logits(disc_params, batch_stats, real)

@@ -40,10 +40,10 @@ from dq.validate.checker import (MAX_SHOWN, STAGE_MODES, Checker, ConfigError, b
                                  is_section, one_line, show)
 from dq.validate.common import OPTIMIZERS, SCHEDULES, check_keys, check_mode
 from dq.validate.fid import FID_RULES
-from dq.validate.stage1 import DISC_LOSSES, VAE_RULES, VAE_SHAPE_FIELDS
+from dq.validate.stage1 import VAE_RULES, VAE_SHAPE_FIELDS
 from dq.validate.stage2 import TRANSFORMER_RULES, TRANSFORMER_SHAPE_FIELDS
 
-__all__ = ["DISC_LOSSES", "MAX_SHOWN", "OPTIMIZERS", "SCHEDULES", "STAGE_MODES",
+__all__ = ["MAX_SHOWN", "OPTIMIZERS", "SCHEDULES", "STAGE_MODES",
            "TRANSFORMER_SHAPE_FIELDS", "VAE_SHAPE_FIELDS", "ConfigError",
            "base_config", "validate_config"]
 

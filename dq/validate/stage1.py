@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from dq.losses.budget import BudgetLoss
-from dq.losses.gan import DISC_LOSSES
+from dq.losses.gan import AdversarialLoss
+from dq.losses.vae_loss import Stage1Loss
 from dq.fields import FieldError
 from dq.models.grains import GrainTargets, grid_factors
 from dq.validate.checker import (Checker, is_int, is_remote, one_line, plain, read_json,
@@ -51,7 +52,6 @@ def _check_vae_model(c: Checker) -> None:
   if (kind == "entropy" or entropy_teacher) and not c.get("model.router.thresholds_path"):
     c.integer("model.router.threshold_images", 1)
   _section_check(c, lambda: BudgetLoss.from_config(c.get("loss"), targets))
-  c.number("loss.router_distill_weight", low=0.0)
   benefit = c.number("loss.router_benefit_weight", low=0.0)
   if benefit and num_grains == 3:
     c.fail("loss.router_benefit_weight", benefit, "expected 0 for a triple-grain model (the "
@@ -104,13 +104,10 @@ def _check_vae_model(c: Checker) -> None:
 
 def _check_vae_misc(c: Checker) -> None:
   """Loss weights, GAN settings, eval fields (rule 7) and the LPIPS weights path (rule 6)."""
-  for field in ("l1_weight", "codebook_weight", "budget_weight", "perceptual_weight",
-                "disc_weight"):  # budget_gamma: BudgetLoss (_check_vae_model)
-    c.number(f"loss.{field}", low=0.0)
-  c.number("loss.adaptive_weight_max", low=0.0, low_open=True)
-  c.integer("loss.disc_start", 0)
-  if (c.get("loss.disc_weight") or 0) > 0:
-    c.choice("loss.disc_loss", DISC_LOSSES)
+  loss = c.get("loss")
+  _section_check(c, lambda: Stage1Loss(**Stage1Loss.weights_from(loss)))  # the weights
+  adversarial = _section_check(c, lambda: AdversarialLoss.from_config(loss))
+  if adversarial is not None and adversarial.weight > 0:
     c.integer("loss.disc_ndf", 1)
     c.integer("loss.disc_layers", 1)
   c.existing("loss.lpips_weights", "file", "LPIPS weights (.npz of dq.tools.convert_lpips)")
